@@ -1,0 +1,60 @@
+# feishu-gpt-bot. Every target bootstraps .venv on first use (Python 3.11+ and pip are enough)
+# and reinstalls only when pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run chat doctor keys test test-all lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the bot with its development tools
+
+run: $(STAMP) ## start the bot from settings.yaml (ARGS="--config other.yaml")
+	$(BIN)/python -m bot run $(ARGS)
+
+chat: $(STAMP) ## chat with the LLM in this terminal
+	$(BIN)/python -m bot chat $(ARGS)
+
+doctor: $(STAMP) ## check the configuration and connectivity
+	$(BIN)/python -m bot doctor $(ARGS)
+
+keys: $(STAMP) ## manage the API key pool (ARGS="list")
+	$(BIN)/python -m bot keys $(ARGS)
+
+# pytest exits 5 when it collected no test: that is a broken setup, never a pass.
+PYTEST = $(BIN)/python -m pytest $(1) $(ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the test setup is broken" >&2; fi; \
+	exit $$status
+
+test: $(STAMP) ## run the fast test suite
+	@$(call PYTEST,-m "not slow")
+
+test-all: $(STAMP) ## run every test, including the slow end-to-end suites
+	@$(call PYTEST,)
+
+lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict on bot/
+	$(BIN)/ruff check bot tests bench
+	$(BIN)/ruff format --check bot tests bench
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix bot tests bench
+	$(BIN)/ruff format bot tests bench
+
+bench: $(STAMP) ## run the benchmarks in bench/ and print their numbers
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+clean: ## remove the virtualenv and caches (keeps data/)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,173 @@
+"""The command line: ``python -m bot run|chat|doctor|keys`` (also installed as ``feishu-gpt-bot``).
+
+This is the edge where configuration errors become readable lines and exit codes:
+0 success, 1 a runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bot import __version__
+from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
+from bot.errors import BotError, ConfigError
+from bot.logging import Redactor, configure_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+_DESCRIPTION = """\
+A self-hosted ChatGPT bot for Feishu (Lark). It connects to Feishu over an outbound
+WebSocket (no public URL needed) and answers with any OpenAI-compatible endpoint."""
+
+_EPILOG = f"""\
+configuration:
+  The config file is --config PATH, else ${CONFIG_ENV}, else ./settings.yaml.
+  Environment variables override it: FEISHU_APP_ID, FEISHU_APP_SECRET, OPENAI_BASE_URL,
+  BOT_STORE_URL; OPENAI_API_KEYS="sk-a,sk-b" adds keys to llm.keys.
+
+exit codes:
+  0 success, 1 runtime failure, 2 invalid configuration or usage."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand and its help text."""
+    common = argparse.ArgumentParser(add_help=False)
+    options = common.add_argument_group("common options")
+    options.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        help=f"settings file (default: ${CONFIG_ENV} or ./settings.yaml)",
+    )
+    options.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override log.level from the settings",
+    )
+    options.add_argument(
+        "--json-logs",
+        action="store_true",
+        default=None,
+        help="write logs as JSON lines (overrides log.json)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bot",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="connect to Feishu and answer messages (needs feishu.app_id/app_secret)",
+        description="Connect to Feishu over the long connection and answer messages until "
+        "stopped with Ctrl-C or SIGTERM.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.set_defaults(handler=_run)
+
+    chat = commands.add_parser(
+        "chat",
+        parents=[common],
+        help="chat with the LLM in this terminal (no Feishu needed)",
+        description="An interactive chat in the terminal over the same conversation service "
+        "the Feishu bot uses.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.set_defaults(handler=_not_available("chat", "the conversation core release"))
+
+    doctor = commands.add_parser(
+        "doctor",
+        parents=[common],
+        help="check configuration, store, LLM endpoint and Feishu credentials",
+        description="Check the setup step by step and say what to fix.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    doctor.set_defaults(handler=_not_available("doctor", "the streaming-robustness release"))
+
+    keys = commands.add_parser(
+        "keys",
+        parents=[common],
+        help="list and manage the API keys of the pool",
+        description="List, add, enable and disable the API keys of the pool.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    keys.set_defaults(handler=_not_available("keys", "the key-pool release"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the subcommand; return the exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Command = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        return report_config_error(exc)
+    except BotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def report_config_error(exc: ConfigError) -> int:
+    """Print one line per configuration problem and return the configuration exit code."""
+    for problem in exc.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def load(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """Load and validate the settings named by the command line."""
+    path = resolve_config_path(args.config)
+    return load_settings(path), path
+
+
+def setup_logging(args: argparse.Namespace, settings: Settings) -> Redactor:
+    """Configure logging from the settings, with command-line overrides."""
+    return configure_logging(
+        level=args.log_level or settings.log.level,
+        json=settings.log.json_ if args.json_logs is None else args.json_logs,
+        sdk_level=settings.log.sdk_level,
+        secrets=settings.secrets(),
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings, _ = load(args)
+    settings.require_feishu_credentials()
+    setup_logging(args, settings)
+    print(
+        "error: `run` is not available yet: the Feishu gateway arrives in a later release; "
+        "use `python -m bot chat` meanwhile",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
+def _not_available(command: str, release: str) -> Command:
+    def handler(args: argparse.Namespace) -> int:
+        load(args)
+        print(
+            f"error: `{command}` is not available yet: it arrives with {release}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+    return handler

@@ -1,0 +1,310 @@
+"""Settings: the pydantic schema of ``settings.yaml``, environment overrides and readable errors.
+
+Loading order: the YAML file (``--config PATH``, else ``$BOT_CONFIG``, else ``./settings.yaml``),
+then environment variables on top (``FEISHU_APP_ID``, ``FEISHU_APP_SECRET``, ``OPENAI_BASE_URL``,
+``BOT_STORE_URL`` replace values; ``OPENAI_API_KEYS="sk-a,sk-b"`` adds keys). Every problem becomes
+one line naming the field (``llm.keys[1].key: field required``) inside a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bot.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("settings.yaml")
+CONFIG_ENV = "BOT_CONFIG"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class _Section(BaseModel):
+    """Base of every settings section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL like https://example.com, got {value!r}")
+    return value.rstrip("/")
+
+
+class FeishuSettings(_Section):
+    """The Feishu/Lark app the bot logs in as."""
+
+    app_id: str = ""
+    app_secret: SecretStr = SecretStr("")
+    domain: str = "https://open.feishu.cn"
+
+    _domain_is_url = field_validator("domain")(_check_http_url)
+
+
+class KeyEntry(_Section):
+    """One API key of the pool, as written in settings.yaml."""
+
+    key: SecretStr
+    owner: str = "config"
+    enabled: bool = True
+
+    @field_validator("key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return SecretStr(value.get_secret_value().strip())
+
+
+class LLMSettings(_Section):
+    """The OpenAI-compatible endpoint and the keys used to call it."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = Field(default="gpt-4o-mini", min_length=1)
+    keys: list[KeyEntry] = Field(default_factory=list)
+    request_timeout_s: float = Field(default=60, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=20)
+
+    _base_url_is_url = field_validator("base_url")(_check_http_url)
+
+
+class PersonaSettings(_Section):
+    """A named persona: its own system prompt, few-shot examples and optional overrides."""
+
+    description: str = ""
+    system: str
+    examples: list[tuple[str, str]] = Field(default_factory=list)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    model: str | None = None
+
+
+class ChatSettings(_Section):
+    """How conversations behave."""
+
+    system_prompt: str = "You are a helpful assistant."
+    max_history_tokens: int = Field(default=6000, ge=100)
+    idle_reset_minutes: int = Field(default=720, ge=0)
+    personas: dict[str, PersonaSettings] = Field(default_factory=dict)
+    group_requires_mention: bool = True
+
+
+class AccessSettings(_Section):
+    """Who may use the bot and how much."""
+
+    admins: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+    daily_requests_per_user: int = Field(default=0, ge=0)
+
+
+class KeysSettings(_Section):
+    """Key donation by chat."""
+
+    accept_donations: bool = True
+
+
+class StoreSettings(_Section):
+    """Where history, keys, dedup marks and the inbox live."""
+
+    url: str = "sqlite:///data/bot.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme == "sqlite":
+            if not value.startswith("sqlite:///") or value == "sqlite:///":
+                raise ValueError(
+                    "a sqlite URL needs a path: sqlite:///data/bot.db (relative) "
+                    "or sqlite:////var/lib/bot/bot.db (absolute)"
+                )
+            return value
+        if scheme in ("redis", "rediss"):
+            return value
+        raise ValueError(f"must start with sqlite:/// or redis://, got {value!r}")
+
+    def sqlite_path(self, cwd: Path | None = None) -> Path:
+        """The database file of a ``sqlite:///`` URL; a relative path resolves against ``cwd``."""
+        raw = self.url.removeprefix("sqlite:///")
+        path = Path(raw)
+        return path if path.is_absolute() else (cwd or Path.cwd()) / path
+
+
+class LogSettings(_Section):
+    """Logging output."""
+
+    level: LogLevel = "info"
+    json_: bool = Field(default=False, alias="json")
+    sdk_level: LogLevel = "info"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Settings(_Section):
+    """The whole of settings.yaml."""
+
+    feishu: FeishuSettings = Field(default_factory=FeishuSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    keys: KeysSettings = Field(default_factory=KeysSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _some_key_or_donations(self) -> Settings:
+        if not self.llm.keys and not self.keys.accept_donations:
+            raise ValueError(
+                "llm.keys: no API key configured and keys.accept_donations is false: "
+                "add keys under llm.keys, set OPENAI_API_KEYS, or allow donations"
+            )
+        return self
+
+    def secrets(self) -> list[str]:
+        """Every secret value in these settings, for the log redactor."""
+        values = [self.feishu.app_secret.get_secret_value()]
+        values += [entry.key.get_secret_value() for entry in self.llm.keys]
+        return [value for value in values if value]
+
+    def require_feishu_credentials(self) -> None:
+        """Raise a :class:`ConfigError` when the app credentials needed to connect are missing."""
+        problems = []
+        if not self.feishu.app_id.strip():
+            problems.append(
+                "feishu.app_id: is empty: set it in settings.yaml or the FEISHU_APP_ID "
+                "environment variable (Feishu developer console → your app → Credentials)"
+            )
+        if not self.feishu.app_secret.get_secret_value().strip():
+            problems.append(
+                "feishu.app_secret: is empty: set it in settings.yaml or the "
+                "FEISHU_APP_SECRET environment variable"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+def resolve_config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """``--config`` if given, else ``$BOT_CONFIG``, else ``./settings.yaml``."""
+    env = os.environ if env is None else env
+    if cli_path:
+        return Path(cli_path)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge with the environment and validate the settings; raise :class:`ConfigError`."""
+    env = os.environ if env is None else env
+    raw = _read_yaml(path)
+    _apply_env(raw, env)
+    return parse_settings(raw, source=str(path))
+
+
+def parse_settings(raw: Any, source: str = "settings") -> Settings:
+    """Validate an already-parsed mapping; raise :class:`ConfigError` naming each bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections"])
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                f"{path}: config file not found: copy the example settings.yaml from the "
+                "repository, or pass --config PATH / set BOT_CONFIG"
+            ]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError([f"{path}: YAML syntax error at {where}: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: YAML syntax error: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    return data
+
+
+_ENV_REPLACEMENTS: dict[str, tuple[str, str]] = {
+    "FEISHU_APP_ID": ("feishu", "app_id"),
+    "FEISHU_APP_SECRET": ("feishu", "app_secret"),
+    "OPENAI_BASE_URL": ("llm", "base_url"),
+    "BOT_STORE_URL": ("store", "url"),
+}
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Put environment values into the raw mapping so validation names their field too."""
+    for variable, (section, field) in _ENV_REPLACEMENTS.items():
+        value = env.get(variable, "").strip()
+        if not value:
+            continue
+        target = raw.setdefault(section, {})
+        if isinstance(target, dict):
+            target[field] = value
+    extra_keys = [key.strip() for key in env.get("OPENAI_API_KEYS", "").split(",") if key.strip()]
+    if extra_keys:
+        llm = raw.setdefault("llm", {})
+        if isinstance(llm, dict):
+            keys = llm.get("keys") or []
+            if isinstance(keys, list):
+                known = {entry.get("key") for entry in keys if isinstance(entry, dict)}
+                keys += [{"key": key, "owner": "env"} for key in extra_keys if key not in known]
+                llm["keys"] = keys
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        location = _format_location(error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key (check the spelling against the configuration reference)"
+        elif kind == "missing":
+            message = "field required"
+        else:
+            message = str(error["msg"])
+            message = message.removeprefix("Value error, ")
+            message = message[:1].lower() + message[1:]
+        if not location and ":" in message:
+            problems.append(message)  # model-level checks already name their field
+        else:
+            problems.append(f"{location or 'settings'}: {message}")
+    return problems
+
+
+def _format_location(location: Sequence[int | str]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text

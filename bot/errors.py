@@ -1,0 +1,47 @@
+"""The bot's error types, in one place.
+
+Edges (the CLI, the chat service, the Feishu adapter) turn these into user-facing text;
+nothing deeper formats messages for users. Messages never contain a secret.
+"""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """Base class of every error the bot raises on purpose."""
+
+
+class ConfigError(BotError):
+    """The configuration cannot be used; ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class StoreError(BotError):
+    """The store cannot be opened or used (bad URL, unreadable file, failed migration)."""
+
+
+class LLMError(BotError):
+    """A request to the LLM failed in a way the caller must handle."""
+
+
+class KeyRejected(LLMError):
+    """An API key was refused by the provider (invalid, revoked, out of quota)."""
+
+
+class AllKeysUnavailable(LLMError):
+    """No API key can serve a request: every key is disabled, or cooling for too long."""
+
+
+class RequestRejected(LLMError):
+    """The provider refused the request itself (400/422), e.g. the context is too long."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class ReplyInterrupted(LLMError):
+    """The stream broke after some text had already reached the user."""

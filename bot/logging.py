@@ -1,0 +1,206 @@
+"""Structured logging: structlog for the bot, the stdlib for libraries, one redaction for both.
+
+Every line, from ``structlog`` or from a library's stdlib logger (the SDK's ``Lark`` logger prints
+the WebSocket URL with its access key at INFO and whole event payloads at DEBUG), passes the same
+:class:`Redactor` before it is rendered: our events at the end of structlog's chain, library records
+in the one root handler's pre-chain, and the SDK's records at their logger already, so that even a
+handler added by someone else (pytest's capture) never sees a secret. Configure once, at startup,
+with :func:`configure_logging`; keep the returned :class:`Redactor` to register secrets learnt later
+(donated keys).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+# Anything shaped like an OpenAI-style key: sk-…, sk-proj-…, sess-… (masked to the last four).
+_API_KEY = re.compile(r"\b(?:sk|sess|rk)-[A-Za-z0-9_\-]{12,}")
+# Credentials in URLs, headers and JSON: access_key=…, ticket=…, "AppSecret": "…", Bearer …
+_CREDENTIAL_PAIR = re.compile(
+    r"(?P<name>access_key|ticket|app_secret|appsecret|app_access_token|tenant_access_token"
+    r"|access_token|api_key|apikey|secret|password|token)"
+    r"(?P<sep>\"?\s*[:=]\s*\"?|=)(?P<value>[^\s\"'&,;}]{6,})",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(?P<name>Bearer\s+)(?P<value>[A-Za-z0-9._\-]{8,})", re.IGNORECASE)
+# Feishu tokens: t-… (tenant), a-… (app), u-… (user) followed by a long opaque tail.
+_FEISHU_TOKEN = re.compile(r"\b[tau]-[A-Za-z0-9_\-]{24,}")
+
+
+def mask_key(key: str) -> str:
+    """Show an API key the only way it is ever shown: ``sk-…abcd`` (prefix and last four)."""
+    key = key.strip()
+    if len(key) < 12:
+        return "…" if not key else "***"
+    prefix = "sk-" if key.startswith("sk-") else ""
+    return f"{prefix}…{key[-4:]}"
+
+
+class Redactor:
+    """Masks configured secrets and anything shaped like a credential in text and nested values.
+
+    Thread-safe: the SDK logs from its own thread while the bot may register a donated key.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: tuple[str, ...] = ()
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str) -> None:
+        """Mask this exact value from now on (values shorter than 6 characters are ignored)."""
+        secret = secret.strip()
+        if len(secret) < 6:
+            return
+        with self._lock:
+            if secret not in self._secrets:
+                # Longest first, so a secret containing another is masked whole.
+                self._secrets = tuple(sorted((*self._secrets, secret), key=len, reverse=True))
+
+    def text(self, value: str) -> str:
+        """Return ``value`` with every secret masked."""
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, mask_key(secret))
+        value = _API_KEY.sub(lambda match: mask_key(match.group(0)), value)
+        value = _BEARER.sub(lambda match: f"{match.group('name')}***", value)
+        value = _FEISHU_TOKEN.sub(lambda match: f"{match.group(0)[:2]}***", value)
+        return _CREDENTIAL_PAIR.sub(
+            lambda match: f"{match.group('name')}{match.group('sep')}***", value
+        )
+
+    def value(self, value: Any) -> Any:
+        """Mask secrets inside strings, exceptions, mappings and sequences."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, BaseException):
+            return self.text(f"{type(value).__name__}: {value}")
+        if isinstance(value, dict):
+            return {key: self.value(item) for key, item in value.items()}
+        if isinstance(value, list | tuple | set):
+            return [self.value(item) for item in value]
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self.text(str(value))
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        """structlog processor: mask every field of the event."""
+        return {key: self.value(item) for key, item in event_dict.items()}
+
+
+class _RedactRecord(logging.Filter):
+    """Masks secrets in a library's record itself, before any handler (ours or not) sees it."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redactor.text(record.getMessage())
+        record.args = None
+        return True
+
+
+class _LevelFloor(logging.Filter):
+    """Drops records below a level even when a library resets its logger's level itself."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def configure_logging(
+    *,
+    level: str = "info",
+    json: bool = False,
+    sdk_level: str = "info",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> Redactor:
+    """Configure structlog and the stdlib root logger once; return the redactor in use.
+
+    ``json`` renders one JSON object per line, else a human console format (colours on a TTY).
+    The SDK's ``Lark`` logger loses its own stdout handler and is capped at ``sdk_level``,
+    which can never be more verbose than ``level``.
+    """
+    stream = stream or sys.stderr
+    redactor = Redactor(secrets)
+    numeric_level = _LEVELS[level]
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Processor
+    if json:
+        renderer = structlog.processors.JSONRenderer(ensure_ascii=False)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, redactor],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric_level)
+
+    sdk_logger = logging.getLogger("Lark")
+    for old in list(sdk_logger.handlers):
+        sdk_logger.removeHandler(old)
+    for old_filter in list(sdk_logger.filters):
+        sdk_logger.removeFilter(old_filter)
+    sdk_logger.propagate = True
+    sdk_logger.addFilter(_LevelFloor(max(_LEVELS[sdk_level], numeric_level)))
+    sdk_logger.addFilter(_RedactRecord(redactor))
+    for noisy in ("httpx", "httpcore", "httpx2", "openai", "websockets", "aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, numeric_level))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            redactor,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    return redactor
+
+
+def get_logger(name: str, **context: Any) -> structlog.stdlib.BoundLogger:
+    """A structlog logger for a module, with optional bound context."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger.bind(**context) if context else logger
+
+
+def bind_context(**context: Any) -> None:
+    """Bind fields (event_id, conversation…) to every line logged by the current task."""
+    structlog.contextvars.bind_contextvars(**context)

@@ -1,0 +1,337 @@
+"""The embedded SQLite store (the default): one file, WAL mode, mode 0600, versioned schema.
+
+All database work runs on one dedicated thread that owns the connection, so coroutines from any
+event loop (the bot's, or the Feishu SDK's own) await it without blocking and writes never
+interleave. The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from bot.errors import StoreError
+from bot.store.base import InboxEntry, KeySource, KeyState, Role, StoredKey, Turn, Usage
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        tokens INTEGER NOT NULL
+    );
+    CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
+    CREATE TABLE processed (
+        key TEXT PRIMARY KEY,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX processed_by_expiry ON processed (expires_at);
+    CREATE TABLE inbox (
+        message_id TEXT PRIMARY KEY,
+        conversation_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY,
+        secret TEXT NOT NULL,
+        masked TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        source TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        disabled_by TEXT,
+        until REAL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        last_used_at REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE usage (
+        day TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        PRIMARY KEY (day, user_id, key_id)
+    );
+    """,
+)
+
+
+class SQLiteStore:
+    """:class:`bot.store.base.Store` on a local SQLite file."""
+
+    def __init__(self, path: Path | str, *, clock: Clock = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._executor: ThreadPoolExecutor | None = None
+        self._connection: sqlite3.Connection | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the file (0600) and its directory, switch to WAL and migrate the schema."""
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        """Close the connection and stop the store's thread."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        executor.shutdown(wait=True)
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the code migrates to."""
+        return len(MIGRATIONS)
+
+    def _open_sync(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(self.path, 0o600)
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the SQLite store at {self.path}: {exc}") from None
+        connection.row_factory = sqlite3.Row
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA busy_timeout=5000")
+            self._migrate(connection)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise StoreError(f"cannot prepare the SQLite store at {self.path}: {exc}") from None
+        self._connection = connection
+
+    def _migrate(self, connection: sqlite3.Connection) -> None:
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this bot knows "
+                f"({len(MIGRATIONS)}): upgrade the bot or use another store"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            connection.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    def _close_sync(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise StoreError("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, function, *args)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise StoreError("the store is not open")
+        return self._connection
+
+    def _write(self, sql: str, parameters: tuple[Any, ...] = ()) -> int:
+        cursor = self._db().execute(sql, parameters)
+        return cursor.rowcount
+
+    def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self._db().execute(sql, parameters).fetchall())
+
+    # ---- history ---------------------------------------------------------------------------
+
+    async def append_turn(self, turn: Turn) -> None:
+        """Add a turn at the end of its conversation."""
+        await self._run(
+            self._write,
+            "INSERT INTO turns (conversation_id, role, content, created_at, tokens)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (turn.conversation_id, turn.role, turn.content, turn.created_at, turn.tokens),
+        )
+
+    async def load_turns(self, conversation_id: str) -> list[Turn]:
+        """All turns of a conversation, oldest first."""
+        rows = await self._run(
+            self._read,
+            "SELECT conversation_id, role, content, created_at, tokens FROM turns"
+            " WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,),
+        )
+        return [
+            Turn(
+                conversation_id=row["conversation_id"],
+                role=cast(Role, row["role"]),
+                content=row["content"],
+                created_at=row["created_at"],
+                tokens=row["tokens"],
+            )
+            for row in rows
+        ]
+
+    async def clear_conversation(self, conversation_id: str) -> int:
+        """Forget a conversation's turns; return how many were removed."""
+        return await self._run(
+            self._write, "DELETE FROM turns WHERE conversation_id = ?", (conversation_id,)
+        )
+
+    # ---- dedup -----------------------------------------------------------------------------
+
+    async def mark_seen(self, key: str, ttl_s: float) -> bool:
+        """Record ``key`` for ``ttl_s`` seconds; True when it was not already recorded (atomic)."""
+        now = self._clock()
+        changed = await self._run(
+            self._write,
+            "INSERT INTO processed (key, expires_at) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
+            " WHERE processed.expires_at <= ?",
+            (key, now + ttl_s, now),
+        )
+        return changed > 0
+
+    async def is_seen(self, key: str) -> bool:
+        """Whether ``key`` is recorded and not expired."""
+        rows = await self._run(
+            self._read,
+            "SELECT 1 FROM processed WHERE key = ? AND expires_at > ?",
+            (key, self._clock()),
+        )
+        return bool(rows)
+
+    async def purge_expired(self) -> int:
+        """Drop expired dedup records; return how many."""
+        return await self._run(
+            self._write, "DELETE FROM processed WHERE expires_at <= ?", (self._clock(),)
+        )
+
+    # ---- inbox -----------------------------------------------------------------------------
+
+    async def inbox_add(self, entry: InboxEntry) -> None:
+        """Record a message awaiting its answer (idempotent per message id)."""
+        await self._run(
+            self._write,
+            "INSERT OR IGNORE INTO inbox (message_id, conversation_id, payload, received_at)"
+            " VALUES (?, ?, ?, ?)",
+            (entry.message_id, entry.conversation_id, entry.payload, entry.received_at),
+        )
+
+    async def inbox_remove(self, message_id: str) -> None:
+        """The message was answered (or refused): forget it."""
+        await self._run(self._write, "DELETE FROM inbox WHERE message_id = ?", (message_id,))
+
+    async def inbox_list(self) -> list[InboxEntry]:
+        """Every message still awaiting an answer, oldest first."""
+        rows = await self._run(
+            self._read,
+            "SELECT message_id, conversation_id, payload, received_at FROM inbox"
+            " ORDER BY received_at, rowid",
+        )
+        return [
+            InboxEntry(
+                message_id=row["message_id"],
+                conversation_id=row["conversation_id"],
+                payload=row["payload"],
+                received_at=row["received_at"],
+            )
+            for row in rows
+        ]
+
+    # ---- keys ------------------------------------------------------------------------------
+
+    async def save_key(self, key: StoredKey) -> None:
+        """Insert or replace a key record."""
+        await self._run(
+            self._write,
+            "INSERT OR REPLACE INTO api_keys (key_id, secret, masked, owner, source, state,"
+            " reason, disabled_by, until, requests, failures, last_used_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key.key_id,
+                key.secret,
+                key.masked,
+                key.owner,
+                key.source,
+                key.state,
+                key.reason,
+                key.disabled_by,
+                key.until,
+                key.requests,
+                key.failures,
+                key.last_used_at,
+                key.created_at,
+            ),
+        )
+
+    async def load_keys(self) -> list[StoredKey]:
+        """Every key record, oldest first."""
+        rows = await self._run(self._read, "SELECT * FROM api_keys ORDER BY created_at, key_id")
+        return [
+            StoredKey(
+                key_id=row["key_id"],
+                secret=row["secret"],
+                masked=row["masked"],
+                owner=row["owner"],
+                source=cast(KeySource, row["source"]),
+                state=cast(KeyState, row["state"]),
+                reason=row["reason"],
+                disabled_by=row["disabled_by"],
+                until=row["until"],
+                requests=row["requests"],
+                failures=row["failures"],
+                last_used_at=row["last_used_at"],
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    async def delete_key(self, key_id: str) -> bool:
+        """Remove a key; True when it existed."""
+        return await self._run(self._write, "DELETE FROM api_keys WHERE key_id = ?", (key_id,)) > 0
+
+    # ---- usage -----------------------------------------------------------------------------
+
+    async def add_usage(
+        self, day: str, user_id: str, key_id: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Count one request and its tokens for (day, user, key)."""
+        await self._run(
+            self._write,
+            "INSERT INTO usage (day, user_id, key_id, requests, prompt_tokens, completion_tokens)"
+            " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (day, user_id, key_id) DO UPDATE SET"
+            " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens",
+            (day, user_id, key_id, prompt_tokens, completion_tokens),
+        )
+
+    async def usage_for_day(self, day: str) -> list[Usage]:
+        """Every usage row of a day."""
+        rows = await self._run(
+            self._read,
+            "SELECT day, user_id, key_id, requests, prompt_tokens, completion_tokens FROM usage"
+            " WHERE day = ? ORDER BY user_id, key_id",
+            (day,),
+        )
+        return [Usage(**dict(row)) for row in rows]

@@ -1,0 +1,52 @@
+"""Helpers shared by test modules (import them; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BOT_COMMAND = [sys.executable, "-m", "bot"]
+BOT_ENVIRONMENT = (
+    "BOT_CONFIG",
+    "BOT_STORE_URL",
+    "FEISHU_APP_ID",
+    "FEISHU_APP_SECRET",
+    "OPENAI_API_KEYS",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+)
+
+
+def bot_environment(**extra: str) -> dict[str, str]:
+    """The environment for a bot subprocess: ours minus bot variables, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if key not in BOT_ENVIRONMENT}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_bot(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bot ARGS`` to completion and capture its output."""
+    return subprocess.run(
+        [*BOT_COMMAND, *args],
+        cwd=cwd,
+        env=env if env is not None else bot_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_settings(path: Path, settings: dict[str, object]) -> Path:
+    """Write a settings mapping as YAML and return the path."""
+    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return path

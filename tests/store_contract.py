@@ -1,0 +1,146 @@
+"""The behaviour every :class:`bot.store.Store` implementation must have.
+
+A backend's test module subclasses :class:`StoreContract` and provides a ``store`` fixture
+(opened, empty) and a ``clock`` fixture (a :class:`FakeClock` the store reads time from).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot.store import InboxEntry, Store, StoredKey, Turn
+
+
+class FakeClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def turn(conversation: str, role: str, content: str, at: float = 0.0) -> Turn:
+    return Turn(conversation, role, content, created_at=at, tokens=len(content))  # type: ignore[arg-type]
+
+
+def key(key_id: str, **changes: object) -> StoredKey:
+    fields: dict[str, object] = {
+        "key_id": key_id,
+        "secret": f"sk-secret-{key_id}",
+        "masked": f"sk-…{key_id[-4:]}",
+        "owner": "alice",
+        "source": "config",
+        "created_at": 1.0,
+    }
+    fields.update(changes)
+    return StoredKey(**fields)  # type: ignore[arg-type]
+
+
+class StoreContract:
+    """Tests shared by all store backends."""
+
+    async def test_turns_round_trip_in_order_per_conversation(self, store: Store) -> None:
+        await store.append_turn(turn("c1", "user", "hello", 1))
+        await store.append_turn(turn("c2", "user", "other", 2))
+        await store.append_turn(turn("c1", "assistant", "hi there", 3))
+        await store.append_turn(turn("c1", "user", "你好", 4))
+        loaded = await store.load_turns("c1")
+        assert [(t.role, t.content) for t in loaded] == [
+            ("user", "hello"),
+            ("assistant", "hi there"),
+            ("user", "你好"),
+        ]
+        assert loaded[0] == turn("c1", "user", "hello", 1)
+        assert await store.load_turns("nobody") == []
+
+    async def test_clearing_a_conversation_leaves_the_others(self, store: Store) -> None:
+        await store.append_turn(turn("c1", "user", "a"))
+        await store.append_turn(turn("c1", "assistant", "b"))
+        await store.append_turn(turn("c2", "user", "c"))
+        assert await store.clear_conversation("c1") == 2
+        assert await store.load_turns("c1") == []
+        assert len(await store.load_turns("c2")) == 1
+
+    async def test_concurrent_writers_do_not_corrupt_or_lose_turns(self, store: Store) -> None:
+        async def writer(name: str) -> None:
+            for index in range(50):
+                await store.append_turn(turn("shared", "user", f"{name}-{index}"))
+
+        await asyncio.gather(writer("a"), writer("b"))
+        contents = [t.content for t in await store.load_turns("shared")]
+        assert len(contents) == 100
+        for name in ("a", "b"):
+            mine = [c for c in contents if c.startswith(f"{name}-")]
+            assert mine == [f"{name}-{index}" for index in range(50)]
+
+    async def test_mark_seen_is_true_only_the_first_time(self, store: Store) -> None:
+        assert await store.mark_seen("msg:om_1", ttl_s=60) is True
+        assert await store.mark_seen("msg:om_1", ttl_s=60) is False
+        assert await store.is_seen("msg:om_1") is True
+        assert await store.is_seen("msg:om_2") is False
+
+    async def test_dedup_records_expire(self, store: Store, clock: FakeClock) -> None:
+        await store.mark_seen("msg:om_1", ttl_s=60)
+        clock.advance(59)
+        assert await store.is_seen("msg:om_1") is True
+        clock.advance(2)
+        assert await store.is_seen("msg:om_1") is False
+        assert await store.mark_seen("msg:om_1", ttl_s=60) is True
+
+    async def test_purge_drops_only_expired_records(self, store: Store, clock: FakeClock) -> None:
+        await store.mark_seen("old", ttl_s=10)
+        await store.mark_seen("new", ttl_s=100)
+        clock.advance(50)
+        assert await store.purge_expired() == 1
+        assert await store.is_seen("new") is True
+
+    async def test_concurrent_marks_of_one_key_admit_exactly_one(self, store: Store) -> None:
+        results = await asyncio.gather(*(store.mark_seen("msg:race", 60) for _ in range(20)))
+        assert results.count(True) == 1
+
+    async def test_inbox_keeps_pending_messages_until_removed(self, store: Store) -> None:
+        await store.inbox_add(InboxEntry("om_2", "c1", '{"text": "second"}', received_at=2))
+        await store.inbox_add(InboxEntry("om_1", "c1", '{"text": "first"}', received_at=1))
+        await store.inbox_add(InboxEntry("om_1", "c1", "duplicate ignored", received_at=3))
+        pending = await store.inbox_list()
+        assert [(e.message_id, e.payload) for e in pending] == [
+            ("om_1", '{"text": "first"}'),
+            ("om_2", '{"text": "second"}'),
+        ]
+        await store.inbox_remove("om_1")
+        await store.inbox_remove("om_unknown")
+        assert [e.message_id for e in await store.inbox_list()] == ["om_2"]
+
+    async def test_keys_round_trip_and_update_in_place(self, store: Store) -> None:
+        await store.save_key(key("k1"))
+        await store.save_key(key("k2", created_at=2.0, source="donated", owner="bob"))
+        await store.save_key(
+            key("k1", state="disabled", reason="invalid_api_key", disabled_by="auto", failures=3)
+        )
+        loaded = await store.load_keys()
+        assert [k.key_id for k in loaded] == ["k1", "k2"]
+        assert loaded[0].state == "disabled"
+        assert loaded[0].reason == "invalid_api_key"
+        assert loaded[0].failures == 3
+        assert loaded[1] == key("k2", created_at=2.0, source="donated", owner="bob")
+        assert await store.delete_key("k2") is True
+        assert await store.delete_key("k2") is False
+
+    async def test_stored_key_repr_never_shows_the_secret(self) -> None:
+        assert "sk-secret" not in repr(key("k1"))
+
+    async def test_usage_accumulates_per_day_user_and_key(self, store: Store) -> None:
+        await store.add_usage("2026-11-25", "ou_1", "k1", 10, 5)
+        await store.add_usage("2026-11-25", "ou_1", "k1", 3, 2)
+        await store.add_usage("2026-11-25", "ou_2", "k1", 1, 1)
+        await store.add_usage("2026-11-26", "ou_1", "k1", 1, 1)
+        rows = await store.usage_for_day("2026-11-25")
+        assert [(r.user_id, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+            ("ou_1", 2, 13, 7),
+            ("ou_2", 1, 1, 1),
+        ]

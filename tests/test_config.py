@@ -1,0 +1,182 @@
+"""Settings: validation errors name the field, the environment overrides, the CLI exits 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import load_settings, parse_settings, resolve_config_path
+from bot.errors import ConfigError
+from tests.helpers import REPO_ROOT, bot_environment, run_bot, write_settings
+
+
+def problems_of(raw: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw)
+    return caught.value.problems
+
+
+def test_committed_example_settings_validate_and_hold_no_secret() -> None:
+    settings = load_settings(REPO_ROOT / "settings.yaml", env={})
+    assert settings.feishu.app_secret.get_secret_value() == ""
+    assert settings.llm.keys == []
+    assert settings.keys.accept_donations is True
+    assert settings.store.url == "sqlite:///data/bot.db"
+
+
+def test_every_field_of_the_example_settings_has_a_comment() -> None:
+    lines = (REPO_ROOT / "settings.yaml").read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or not line.startswith("  "):
+            continue
+        previous = lines[number - 1].strip()
+        assert previous.startswith("#"), f"settings.yaml line {number + 1} has no comment"
+
+
+def test_empty_file_gives_defaults() -> None:
+    assert parse_settings({}).llm.model == "gpt-4o-mini"
+
+
+def test_missing_required_field_is_named_with_its_index() -> None:
+    raw = {"llm": {"keys": [{"key": "sk-one-000000000000"}, {"owner": "bob"}]}}
+    assert problems_of(raw) == ["llm.keys[1].key: field required"]
+
+
+def test_unknown_key_at_any_level_is_named() -> None:
+    assert problems_of({"feishu": {"app_idd": "x"}}) == [
+        "feishu.app_idd: unknown key (check the spelling against the configuration reference)"
+    ]
+    assert problems_of({"colour": 1})[0].startswith("colour: unknown key")
+
+
+def test_wrong_type_is_named() -> None:
+    (problem,) = problems_of({"llm": {"max_attempts": "many"}})
+    assert problem.startswith("llm.max_attempts: input should be a valid integer")
+
+
+def test_bad_url_is_named() -> None:
+    (problem,) = problems_of({"llm": {"base_url": "api.openai.com"}})
+    assert problem.startswith("llm.base_url: must be an http(s) URL")
+    (problem,) = problems_of({"store": {"url": "postgres://x"}})
+    assert problem.startswith("store.url: must start with sqlite:/// or redis://")
+
+
+def test_several_problems_give_one_line_each() -> None:
+    problems = problems_of({"llm": {"max_attempts": 0, "request_timeout_s": -1}, "x": 1})
+    assert len(problems) == 3
+
+
+def test_no_keys_is_allowed_while_donations_are_accepted() -> None:
+    assert parse_settings({"keys": {"accept_donations": True}}).llm.keys == []
+    (problem,) = problems_of({"keys": {"accept_donations": False}})
+    assert problem.startswith("llm.keys: no API key configured")
+
+
+def test_environment_overrides_values_and_adds_keys(tmp_path: Path) -> None:
+    path = write_settings(
+        tmp_path / "s.yaml",
+        {"feishu": {"app_id": "cli_file"}, "llm": {"keys": [{"key": "sk-file-0000000000001"}]}},
+    )
+    env = {
+        "FEISHU_APP_ID": "cli_env",
+        "FEISHU_APP_SECRET": "secret-from-env",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "BOT_STORE_URL": "sqlite:///other.db",
+        "OPENAI_API_KEYS": "sk-env-a-000000000001, sk-env-b-000000000002,,sk-file-0000000000001",
+    }
+    settings = load_settings(path, env=env)
+    assert settings.feishu.app_id == "cli_env"
+    assert settings.feishu.app_secret.get_secret_value() == "secret-from-env"
+    assert settings.llm.base_url == "http://127.0.0.1:9/v1"
+    assert settings.store.url == "sqlite:///other.db"
+    keys = [(entry.key.get_secret_value(), entry.owner) for entry in settings.llm.keys]
+    assert keys == [
+        ("sk-file-0000000000001", "config"),
+        ("sk-env-a-000000000001", "env"),
+        ("sk-env-b-000000000002", "env"),
+    ]
+
+
+def test_an_environment_value_with_a_bad_shape_names_its_field(tmp_path: Path) -> None:
+    path = write_settings(tmp_path / "s.yaml", {})
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={"OPENAI_BASE_URL": "not a url"})
+    assert caught.value.problems[0].startswith("llm.base_url: must be an http(s) URL")
+
+
+def test_config_path_comes_from_flag_then_environment_then_default() -> None:
+    assert resolve_config_path("a.yaml", env={"BOT_CONFIG": "b.yaml"}) == Path("a.yaml")
+    assert resolve_config_path(None, env={"BOT_CONFIG": "b.yaml"}) == Path("b.yaml")
+    assert resolve_config_path(None, env={}) == Path("settings.yaml")
+
+
+def test_relative_sqlite_path_resolves_against_the_working_directory(tmp_path: Path) -> None:
+    settings = parse_settings({"store": {"url": "sqlite:///data/bot.db"}})
+    assert settings.store.sqlite_path(tmp_path) == tmp_path / "data" / "bot.db"
+    absolute = parse_settings({"store": {"url": "sqlite:////var/lib/bot.db"}})
+    assert absolute.store.sqlite_path(tmp_path) == Path("/var/lib/bot.db")
+
+
+def test_secrets_are_hidden_in_the_settings_repr() -> None:
+    settings = parse_settings(
+        {"feishu": {"app_secret": "s3cr3t-app-secret"}, "llm": {"keys": [{"key": "sk-hidden-1"}]}}
+    )
+    assert "s3cr3t" not in repr(settings)
+    assert "sk-hidden" not in repr(settings)
+    assert set(settings.secrets()) == {"s3cr3t-app-secret", "sk-hidden-1"}
+
+
+# ---- the CLI as a user runs it --------------------------------------------------------------
+
+
+def test_cli_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = run_bot("run", "--config", "nowhere.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: nowhere.yaml: config file not found: copy the example settings.yaml from the "
+        "repository, or pass --config PATH / set BOT_CONFIG"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    (tmp_path / "settings.yaml").write_text("llm:\n  model: [unclosed\n", encoding="utf-8")
+    result = run_bot("run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "settings.yaml: YAML syntax error at line 3, column 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_invalid_field_names_it_and_exits_2(tmp_path: Path) -> None:
+    write_settings(tmp_path / "settings.yaml", {"llm": {"keys": [{"key": "sk-a"}, {}]}})
+    result = run_bot("chat", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: llm.keys[1].key: field required"
+
+
+def test_cli_run_without_credentials_names_what_is_missing(tmp_path: Path) -> None:
+    write_settings(tmp_path / "settings.yaml", {})
+    result = run_bot("run", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: feishu.app_id: is empty: set it in settings.yaml or the ")
+    assert lines[1].startswith("error: feishu.app_secret: is empty")
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_reads_the_config_named_by_bot_config(tmp_path: Path) -> None:
+    write_settings(tmp_path / "elsewhere.yaml", {"llm": {"max_attempts": "x"}})
+    result = run_bot("run", cwd=tmp_path, env=bot_environment(BOT_CONFIG="elsewhere.yaml"))
+    assert result.returncode == 2
+    assert "llm.max_attempts" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "doctor", "keys"])
+def test_every_subcommand_has_complete_help(command: str, tmp_path: Path) -> None:
+    result = run_bot(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("--config", "--log-level", "--json-logs"):
+        assert option in result.stdout
+    assert "FEISHU_APP_SECRET" in result.stdout
