@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+SOURCES := bot tests $(wildcard bench)
 
 .DEFAULT_GOAL := help
 .PHONY: help install run chat doctor keys test test-all lint format bench clean
@@ -45,16 +46,16 @@ test-all: $(STAMP) ## run every test, including the slow end-to-end suites
 	@$(call PYTEST,)
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict on bot/
-	$(BIN)/ruff check bot tests bench
-	$(BIN)/ruff format --check bot tests bench
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy
 
 format: $(STAMP) ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix bot tests bench
-	$(BIN)/ruff format bot tests bench
+	$(BIN)/ruff check --fix $(SOURCES)
+	$(BIN)/ruff format $(SOURCES)
 
 bench: $(STAMP) ## run the benchmarks in bench/ and print their numbers
-	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in $(wildcard bench/*.py); do echo "== $$script"; $(BIN)/python $$script; done
 
 clean: ## remove the virtualenv and caches (keeps data/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
