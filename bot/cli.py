@@ -7,11 +7,14 @@ This is the edge where configuration errors become readable lines and exit codes
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bot import __version__
+from bot.app import build_core
+from bot.chat.terminal import TerminalChat
 from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
 from bot.errors import BotError, ConfigError
 from bot.logging import Redactor, configure_logging
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    chat.set_defaults(handler=_not_available("chat", "the conversation core release"))
+    chat.set_defaults(handler=_chat)
 
     doctor = commands.add_parser(
         "doctor",
@@ -139,10 +142,12 @@ def load(args: argparse.Namespace) -> tuple[Settings, Path]:
     return load_settings(path), path
 
 
-def setup_logging(args: argparse.Namespace, settings: Settings) -> Redactor:
+def setup_logging(
+    args: argparse.Namespace, settings: Settings, *, default_level: str | None = None
+) -> Redactor:
     """Configure logging from the settings, with command-line overrides."""
     return configure_logging(
-        level=args.log_level or settings.log.level,
+        level=args.log_level or default_level or settings.log.level,
         json=settings.log.json_ if args.json_logs is None else args.json_logs,
         sdk_level=settings.log.sdk_level,
         secrets=settings.secrets(),
@@ -159,6 +164,22 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_FAILURE
+
+
+def _chat(args: argparse.Namespace) -> int:
+    settings, _ = load(args)
+    # The conversation is on stdout; only warnings and errors go to stderr unless asked.
+    redactor = setup_logging(args, settings, default_level="warning")
+    asyncio.run(_chat_session(settings, redactor))
+    return EXIT_OK
+
+
+async def _chat_session(settings: Settings, redactor: Redactor) -> None:
+    core = await build_core(settings, redactor)
+    try:
+        await TerminalChat(core.service, model=settings.llm.model).run()
+    finally:
+        await core.close()
 
 
 def _not_available(command: str, release: str) -> Command:

@@ -79,6 +79,7 @@ class LLMSettings(_Section):
     keys: list[KeyEntry] = Field(default_factory=list)
     request_timeout_s: float = Field(default=60, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=20)
+    max_wait_s: float = Field(default=30, ge=0)
 
     _base_url_is_url = field_validator("base_url")(_check_http_url)
 

@@ -1,0 +1,1 @@
+"""The conversation side: history, commands and the transport-agnostic conversation service."""

@@ -1,0 +1,152 @@
+"""The terminal chat: a REPL over the conversation service (``python -m bot chat``).
+
+Answers stream as they arrive. Ctrl-C cancels the answer being written (at the prompt it only
+reminds how to leave), Ctrl-D (end of input) exits. Reads stdin without a thread, so it also works
+with piped input, one message per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from typing import TextIO
+
+from bot.chat.service import (
+    ConversationService,
+    IncomingMessage,
+    ReplyDelta,
+    ReplyFailed,
+    ReplyFinished,
+    ReplyNotice,
+)
+
+CONVERSATION_ID = "terminal"
+USER_ID = "terminal"
+
+BANNER = "Chatting with {model}. /help for commands, Ctrl-C cancels an answer, Ctrl-D exits."
+
+
+class _LineReader:
+    """Reads whole lines from a file descriptor on the event loop (no blocking, no thread)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+        self._eof = False
+
+    async def readline(self) -> str | None:
+        """The next line without its newline, or None at end of input."""
+        while b"\n" not in self._buffer and not self._eof:
+            await self._readable()
+            chunk = os.read(self._fd, 65536)
+            if chunk:
+                self._buffer += chunk
+            else:
+                self._eof = True
+        if not self._buffer:
+            return None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("utf-8", errors="replace").rstrip("\r")
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        try:
+            loop.add_reader(self._fd, wake)
+        except PermissionError:
+            return  # a regular file (``< input.txt``): always readable, reads never block
+        try:
+            await ready
+        finally:
+            loop.remove_reader(self._fd)
+
+
+class TerminalChat:
+    """The REPL. ``output`` receives the conversation; errors are part of it, never tracebacks."""
+
+    def __init__(
+        self,
+        service: ConversationService,
+        *,
+        model: str,
+        input_fd: int | None = None,
+        output: TextIO | None = None,
+    ) -> None:
+        self._service = service
+        self._model = model
+        self._input_fd = sys.stdin.fileno() if input_fd is None else input_fd
+        self._out = output or sys.stdout
+        self._interactive = os.isatty(self._input_fd)
+        self._answering: asyncio.Task[None] | None = None
+        self._count = 0
+
+    async def run(self) -> None:
+        """Chat until end of input."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        reader = _LineReader(self._input_fd)
+        self._write(BANNER.format(model=self._model) + "\n")
+        try:
+            while True:
+                if self._interactive:
+                    self._write("you> ")
+                line = await reader.readline()
+                if line is None:
+                    self._write("\n" if self._interactive else "")
+                    return
+                if not line.strip():
+                    continue
+                self._answering = asyncio.create_task(self._answer(line))
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._answering
+                self._answering = None
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+
+    def _interrupt(self) -> None:
+        if self._answering is not None and not self._answering.done():
+            self._answering.cancel()
+            self._write("\n[answer cancelled]\n")
+        else:
+            self._write("\n(Ctrl-D to exit)\n" + ("you> " if self._interactive else ""))
+
+    async def _answer(self, text: str) -> None:
+        self._count += 1
+        message = IncomingMessage(
+            conversation_id=CONVERSATION_ID,
+            user_id=USER_ID,
+            text=text,
+            message_id=f"terminal-{os.getpid()}-{self._count}",
+        )
+        reply = self._service.handle(message)
+        self._write("bot> ")
+        streamed = False
+        try:
+            async for event in reply:
+                if isinstance(event, ReplyDelta):
+                    streamed = True
+                    self._write(event.text)
+                elif isinstance(event, ReplyNotice):
+                    self._write(f"[{event.text}]\n")
+                elif isinstance(event, ReplyFinished):
+                    if not streamed:
+                        self._write(event.text)
+                    self._write(f"\n{event.note}\n" if event.note else "\n")
+                elif isinstance(event, ReplyFailed):
+                    self._write(f"{event.message}\n")
+        finally:
+            await reply.aclose()
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()

@@ -1,0 +1,1 @@
+"""The LLM side: the OpenAI-compatible streaming client and the API key pool."""

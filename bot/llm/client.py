@@ -1,0 +1,274 @@
+"""Streaming chat completions from any OpenAI-compatible endpoint, with retries across keys.
+
+One ``openai.AsyncOpenAI`` (``max_retries=0``: retries are ours) serves every key through
+``with_options(api_key=…)``, which shares its connection pool. ``tenacity`` retries the part of a
+request that comes *before* the first token: lease a key, send, read until text arrives. Each
+failure is classified (:mod:`bot.llm.errors`): a rate-limited key cools and the next attempt starts
+at once on another key; a dead key is disabled, likewise; a 5xx, timeout or connection error backs
+off with jitter; a rejected request (400/422) is not retried. Once text has reached the caller the
+request is never retried on another key: a broken stream ends with :class:`ReplyInterrupted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from bot.config import LLMSettings
+from bot.errors import LLMError, ReplyInterrupted, RequestRejected
+from bot.llm.errors import Classified, Outcome, classify
+from bot.llm.events import (
+    ChatMessage,
+    Completed,
+    Emit,
+    StreamEvent,
+    TextDelta,
+    TokenUsage,
+    WaitingForKey,
+    bridge,
+)
+from bot.llm.keypool import KeyPool, Lease
+from bot.logging import get_logger
+
+log = get_logger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another attempt may fix; ``switch`` means wait 0 (new key)."""
+
+    def __init__(self, classified: Classified, *, switch: bool) -> None:
+        super().__init__(classified.reason)
+        self.classified = classified
+        self.switch = switch
+
+
+@dataclass
+class _OpenStream:
+    """A request that produced its first text (or ended) and still holds its key."""
+
+    lease: Lease
+    stream: Any
+    chunks: AsyncIterator[Any]
+    first_text: str
+    usage: TokenUsage | None
+    finish_reason: str | None
+    exhausted: bool
+
+
+class LLMClient:
+    """Streams answers; see the module docstring for the retry rules."""
+
+    def __init__(
+        self,
+        settings: LLMSettings,
+        pool: KeyPool,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._sleep = sleep
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.base_url,
+            api_key="unused",  # every request sets its leased key
+            max_retries=0,
+            timeout=openai.Timeout(settings.request_timeout_s, connect=5.0),
+        )
+        self._backoff = wait_exponential_jitter(
+            multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
+        )
+        self._backoff_max_s = backoff_max_s
+        # Servers that reject ``stream_options`` are remembered; one client per base_url.
+        self.include_usage = True
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._client.close()
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        user_id: str,
+        model: str | None = None,
+        temperature: float | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream the answer to ``messages`` as :class:`TextDelta` events ending in
+        :class:`Completed`; :class:`WaitingForKey` when every key is cooling.
+
+        Raises :class:`~bot.errors.AllKeysUnavailable`, :class:`~bot.errors.RequestRejected`,
+        :class:`~bot.errors.ReplyInterrupted` (text was already streamed) or
+        :class:`~bot.errors.LLMError` (attempts exhausted).
+        """
+        request: dict[str, Any] = {
+            "model": model or self._settings.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+        }
+        if temperature is not None:
+            request["temperature"] = temperature
+
+        async def produce(emit: Emit) -> None:
+            await self._produce(emit, request, user_id)
+
+        return bridge(produce)
+
+    async def _produce(self, emit: Emit, request: dict[str, Any], user_id: str) -> None:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._settings.max_attempts)
+            | stop_after_delay(self._settings.request_timeout_s * self._settings.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retryable),
+            before_sleep=self._log_retry,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            opened: _OpenStream = await retrying(self._attempt, emit, request, user_id)
+        except _Retryable as exc:
+            raise LLMError(
+                f"the model endpoint failed {self._settings.max_attempts} times, "
+                f"last: {exc.classified.reason}"
+            ) from None
+        await self._finish(emit, opened)
+
+    async def _attempt(self, emit: Emit, request: dict[str, Any], user_id: str) -> _OpenStream:
+        async def on_wait(seconds: float) -> None:
+            emit(WaitingForKey(seconds))
+
+        lease = await self._pool.acquire(user_id, on_wait=on_wait)
+        stream: Any = None
+        try:
+            options: dict[str, Any] = {}
+            if self.include_usage:
+                options["stream_options"] = {"include_usage": True}
+            stream = await self._client.with_options(api_key=lease.secret).chat.completions.create(
+                **request, **options, stream=True
+            )
+            return await self._read_until_text(lease, stream)
+        except BaseException as exc:
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+            lease.release()
+            if isinstance(exc, Exception):
+                raise await self._penalize(lease, exc) from None
+            raise
+
+    async def _read_until_text(self, lease: Lease, stream: Any) -> _OpenStream:
+        chunks = stream.__aiter__()
+        usage: TokenUsage | None = None
+        finish_reason: str | None = None
+        async for chunk in chunks:
+            text, chunk_usage, chunk_finish = _parse_chunk(chunk)
+            usage = chunk_usage or usage
+            finish_reason = chunk_finish or finish_reason
+            if text:
+                return _OpenStream(lease, stream, chunks, text, usage, finish_reason, False)
+        return _OpenStream(lease, stream, chunks, "", usage, finish_reason, True)
+
+    async def _penalize(self, lease: Lease, exc: Exception) -> Exception:
+        """Apply an attempt's failure to its key; return what to raise (retryable or final)."""
+        classified = classify(exc)
+        if classified.outcome is Outcome.RATE_LIMIT:
+            await self._pool.cool(lease.key_id, classified.retry_after_s, classified.reason)
+            return _Retryable(classified, switch=True)
+        if classified.outcome is Outcome.KEY_DEAD:
+            await self._pool.disable(lease.key_id, classified.reason)
+            return _Retryable(classified, switch=True)
+        if classified.outcome is Outcome.TRANSIENT:
+            await self._pool.report_transient_failure(lease.key_id, classified.reason)
+            return _Retryable(classified, switch=False)
+        if self.include_usage and _mentions_stream_options(exc):
+            log.info("stream_options_unsupported", base_url=self._settings.base_url)
+            self.include_usage = False
+            return _Retryable(classified, switch=True)
+        return RequestRejected(classified.reason, code=classified.code)
+
+    def _wait(self, state: RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome else None
+        if isinstance(failure, _Retryable) and failure.switch:
+            return 0.0
+        if isinstance(failure, _Retryable) and failure.classified.retry_after_s is not None:
+            return min(failure.classified.retry_after_s, self._backoff_max_s)
+        return float(self._backoff(state))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        reason = failure.classified.reason if isinstance(failure, _Retryable) else repr(failure)
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("llm_retry", attempt=state.attempt_number, reason=reason, wait_s=round(wait, 3))
+
+    async def _finish(self, emit: Emit, opened: _OpenStream) -> None:
+        lease, text_so_far = opened.lease, opened.first_text
+        usage, finish_reason = opened.usage, opened.finish_reason
+        try:
+            if text_so_far:
+                emit(TextDelta(text_so_far))
+            if not opened.exhausted:
+                async for chunk in opened.chunks:
+                    text, chunk_usage, chunk_finish = _parse_chunk(chunk)
+                    usage = chunk_usage or usage
+                    finish_reason = chunk_finish or finish_reason
+                    if text:
+                        text_so_far += text
+                        emit(TextDelta(text))
+        except Exception as exc:
+            await self._pool.report_transient_failure(lease.key_id, classify(exc).reason)
+            log.warning("llm_stream_broken", key=lease.masked, chars=len(text_so_far))
+            raise ReplyInterrupted(text_so_far) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await opened.stream.close()
+            lease.release()
+        await self._pool.report_success(lease.key_id)
+        emit(Completed(usage=usage, key_id=lease.key_id, finish_reason=finish_reason))
+
+    async def validate_key(self, secret: str) -> Classified | None:
+        """Check a key with a cheap ``GET /models``; None when it works, else why not."""
+        try:
+            await self._client.with_options(api_key=secret).models.list()
+        except openai.APIError as exc:
+            return classify(exc)
+        return None
+
+
+def _parse_chunk(chunk: Any) -> tuple[str, TokenUsage | None, str | None]:
+    text = ""
+    finish_reason: str | None = None
+    for choice in getattr(chunk, "choices", None) or []:
+        delta = getattr(choice, "delta", None)
+        content = getattr(delta, "content", None) if delta is not None else None
+        if content:
+            text += content
+        finish_reason = getattr(choice, "finish_reason", None) or finish_reason
+    usage = None
+    raw_usage = getattr(chunk, "usage", None)
+    if raw_usage is not None:
+        usage = TokenUsage(
+            prompt_tokens=int(getattr(raw_usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(raw_usage, "completion_tokens", 0) or 0),
+        )
+    return text, usage, finish_reason
+
+
+def _mentions_stream_options(exc: Exception) -> bool:
+    if not isinstance(exc, openai.APIStatusError) or exc.status_code not in (400, 422):
+        return False
+    return "stream_options" in f"{exc.param} {exc.message}"

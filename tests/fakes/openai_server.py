@@ -1,0 +1,1299 @@
+"""Protocol-level fake of an OpenAI-compatible HTTP API for tests.
+
+The fake is a real :mod:`aiohttp.web` server bound to ``127.0.0.1`` on an ephemeral port, so
+tests drive the *real* ``openai`` SDK over real sockets and nothing inside the SDK is mocked::
+
+    async with FakeOpenAI() as fake:
+        client = openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-a", max_retries=0)
+        fake.script("sk-a", reply="hello there", chunk_size=3)
+        fake.script("sk-a").enqueue(rate_limit_exceeded(retry_after=7))  # first request -> 429
+        ...
+
+For subprocess / end-to-end tests the fake can run on its own event loop in a background
+thread (:class:`FakeOpenAIThread` or :meth:`FakeOpenAI.run_in_thread`); every configuration
+method, :class:`Gate` and the request log are thread-safe, and :class:`SignalEvent` can be
+awaited from any event loop or waited on with a blocking call.
+
+Endpoints: ``POST /v1/chat/completions`` (streaming SSE and non-streaming), ``GET /v1/models``
+and ``GET /v1/models/{model}``. Authorization must be ``Bearer <key>``.
+
+Scripting is per API key with a fallback :attr:`FakeOpenAI.default` script. The order in
+which a chat request is processed is:
+
+1. parse + log the request (:attr:`FakeOpenAI.requests`), wake :meth:`wait_for_requests`;
+2. missing ``Authorization`` -> 401; key marked ``invalid`` -> 401 ``invalid_api_key``;
+3. per-key requests-per-minute limit (``rpm_limit``) -> 429 ``rate_limit_exceeded``;
+4. pick the behaviour: the key's one-shot queue, else the default script's one-shot queue,
+   else the key's (or default's) ``persistent`` behaviour;
+5. hold on a :class:`Gate` from :meth:`FakeOpenAI.hold_next` (``after_chunks=0``) and/or a
+   :class:`Hang` behaviour until released (or the server stops: the connection is aborted);
+6. :class:`ErrorResponse` behaviours are answered as-is;
+7. ``reject_stream_options`` + a ``stream_options`` field -> 400;
+8. the reply (scripted text, or ``"echo: <last user message>"``), streamed in chunks of
+   ``chunk_size`` characters, optionally cut by :class:`ResetAfter` or paused by a mid-stream
+   :class:`Gate`.
+
+Usage numbers are deterministic: ``prompt_tokens`` is the sum of :func:`estimate_tokens` over
+the text of every message, ``completion_tokens`` is the number of content chunks of the reply
+(the same chunking is used for streaming and non-streaming answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import itertools
+import json
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Any, Final, TypeAlias
+
+from aiohttp import web
+
+__all__ = [
+    "CHAT_PATH",
+    "DEFAULT_MODELS",
+    "MISSING_API_KEY_ERROR",
+    "MODELS_PATH",
+    "OPENAI_ERROR_SAMPLES",
+    "STREAM_OPTIONS_UNSUPPORTED_ERROR",
+    "Behaviour",
+    "ErrorResponse",
+    "FakeOpenAI",
+    "FakeOpenAIThread",
+    "Gate",
+    "Hang",
+    "KeyScript",
+    "ManualClock",
+    "Reply",
+    "RequestRecord",
+    "ResetAfter",
+    "SignalEvent",
+    "context_length_exceeded",
+    "echo_reply",
+    "error_sample",
+    "estimate_tokens",
+    "insufficient_quota",
+    "invalid_api_key",
+    "rate_limit_exceeded",
+    "server_error",
+    "split_chunks",
+]
+
+JSON: TypeAlias = dict[str, Any]
+
+CHAT_PATH: Final = "/v1/chat/completions"
+MODELS_PATH: Final = "/v1/models"
+DEFAULT_MODELS: Final[tuple[str, ...]] = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+RPM_WINDOW_SECONDS: Final = 60.0
+
+# Verbatim copy of /work/shared/samples/openai_errors.json (tests must not read paths outside
+# the repository).
+OPENAI_ERROR_SAMPLES: Final[dict[str, JSON]] = {
+    "rate_limit_exceeded": {
+        "status": 429,
+        "headers": {"retry-after": "20", "x-ratelimit-reset-requests": "20s"},
+        "body": {
+            "error": {
+                "message": (
+                    "Rate limit reached for gpt-4o-mini in organization org-x on requests per "
+                    "min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s."
+                ),
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        },
+    },
+    "insufficient_quota": {
+        "status": 429,
+        "headers": {},
+        "body": {
+            "error": {
+                "message": (
+                    "You exceeded your current quota, please check your plan and billing details."
+                ),
+                "type": "insufficient_quota",
+                "param": None,
+                "code": "insufficient_quota",
+            }
+        },
+    },
+    "invalid_api_key": {
+        "status": 401,
+        "headers": {},
+        "body": {
+            "error": {
+                "message": (
+                    "Incorrect API key provided: sk-abc***xyz. You can find your API key at "
+                    "https://platform.openai.com/account/api-keys."
+                ),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        },
+    },
+    "server_error": {
+        "status": 500,
+        "headers": {},
+        "body": {
+            "error": {
+                "message": (
+                    "The server had an error while processing your request. Sorry about that!"
+                ),
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    },
+    "context_length_exceeded": {
+        "status": 400,
+        "headers": {},
+        "body": {
+            "error": {
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    },
+}
+
+MISSING_API_KEY_ERROR: Final[JSON] = {
+    "error": {
+        "message": (
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        ),
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+}
+
+STREAM_OPTIONS_UNSUPPORTED_ERROR: Final[JSON] = {
+    "error": {
+        "message": "Unrecognized request argument supplied: stream_options",
+        "type": "invalid_request_error",
+        "param": "stream_options",
+        "code": None,
+    }
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Thread-safe signalling
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class SignalEvent:
+    """A one-way flag that can be set from any thread and awaited from any event loop.
+
+    ``await event.wait()`` works in whichever loop the caller runs (the fake's loop or the
+    test's loop when the fake runs in a thread); :meth:`wait_blocking` is for synchronous code.
+    Wrap the await in :func:`asyncio.wait_for` to bound it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flag = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def is_set(self) -> bool:
+        """Return whether the event has been set."""
+        return self._flag.is_set()
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter (sync and async, in any thread)."""
+        with self._lock:
+            if self._flag.is_set():
+                return
+            self._flag.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # the waiter's loop is already closed
+                loop.call_soon_threadsafe(_resolve_future, fut)
+
+    def _add_waiter(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> bool:
+        with self._lock:
+            if self._flag.is_set():
+                return False
+            self._waiters.append((loop, fut))
+            return True
+
+    def _remove_waiter(self, fut: asyncio.Future[None]) -> None:
+        with self._lock:
+            self._waiters = [(lp, f) for lp, f in self._waiters if f is not fut]
+
+    async def wait(self) -> bool:
+        """Wait until the flag is set; always returns ``True``."""
+        await _wait_any(self)
+        return True
+
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until set; return ``False`` on timeout."""
+        return self._flag.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"<SignalEvent set={self.is_set()}>"
+
+
+async def _wait_any(*events: SignalEvent) -> SignalEvent:
+    """Wait until any of ``events`` is set and return the first one found set."""
+    for event in events:
+        if event.is_set():
+            return event
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    registered: list[SignalEvent] = []
+    try:
+        for event in events:
+            if not event._add_waiter(loop, fut):
+                return event
+            registered.append(event)
+        await fut
+    finally:
+        for event in registered:
+            event._remove_waiter(fut)
+    for event in events:
+        if event.is_set():
+            return event
+    raise AssertionError("unreachable: woken without any event set")  # pragma: no cover
+
+
+class _Latch:
+    """Common part of :class:`Gate` and :class:`Hang`: an arrival signal plus a release."""
+
+    def __init__(self) -> None:
+        self.arrived = SignalEvent()
+        """Set when a request reached the hold point."""
+        self._released = SignalEvent()
+
+    def release(self) -> None:
+        """Let the held request(s) continue. Safe to call from any thread, idempotent."""
+        self._released.set()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released.is_set()
+
+    async def wait_arrived(self, timeout: float = 5.0) -> None:
+        """Await :attr:`arrived` with a timeout (raises :class:`TimeoutError`)."""
+        await asyncio.wait_for(self.arrived.wait(), timeout)
+
+    def wait_arrived_blocking(self, timeout: float = 5.0) -> None:
+        """Block until :attr:`arrived` is set (raises :class:`TimeoutError`)."""
+        if not self.arrived.wait_blocking(timeout):
+            raise TimeoutError(f"no request arrived at {self!r} within {timeout}s")
+
+
+class Gate(_Latch):
+    """Holds one request until :meth:`release` (created by :meth:`FakeOpenAI.hold_next`).
+
+    With ``after_chunks == 0`` the request is held before any response byte is sent. With
+    ``after_chunks == n > 0`` a streaming reply is paused right after the n-th content chunk
+    has been written (the role chunk is not counted), so the client can observe partial output
+    (if the reply has fewer chunks, it holds before the finish chunk); for a non-streaming
+    request such a gate holds before the response instead.
+    """
+
+    def __init__(self, key: str | None, path: str, after_chunks: int) -> None:
+        super().__init__()
+        if after_chunks < 0:
+            raise ValueError("after_chunks must be >= 0")
+        self.key = key
+        self.path = path
+        self.after_chunks = after_chunks
+
+    def __repr__(self) -> str:
+        return (
+            f"<Gate key={self.key!r} path={self.path!r} after_chunks={self.after_chunks} "
+            f"arrived={self.arrived.is_set()} released={self.released}>"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Behaviours
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """Answer with an HTTP error: ``status``, extra ``headers`` and a JSON ``body``."""
+
+    status: int
+    body: JSON
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def with_retry_after(self, retry_after: float | str | None) -> ErrorResponse:
+        """Copy with the ``retry-after`` header set (``None`` removes retry hints)."""
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests")
+        }
+        if retry_after is not None:
+            value = _format_seconds(retry_after)
+            headers["retry-after"] = value
+            headers["x-ratelimit-reset-requests"] = f"{value}s"
+        return replace(self, headers=headers)
+
+    def with_headers(self, **headers: str) -> ErrorResponse:
+        """Copy with extra headers (underscores in names become dashes)."""
+        merged = dict(self.headers)
+        merged.update({k.replace("_", "-"): v for k, v in headers.items()})
+        return replace(self, headers=merged)
+
+    @property
+    def code(self) -> str | None:
+        """The ``error.code`` of the body, if any."""
+        error = self.body.get("error")
+        if isinstance(error, dict):
+            code = error.get("code")
+            return None if code is None else str(code)
+        return None
+
+
+class Hang(_Latch):
+    """Accept the request and answer nothing until :meth:`release` or the server stops.
+
+    Once released the request proceeds normally (scripted reply). When the server stops first
+    the connection is aborted. As a ``persistent`` behaviour every request hangs on the same
+    latch and one :meth:`release` frees all of them.
+    """
+
+    def __repr__(self) -> str:
+        return f"<Hang arrived={self.arrived.is_set()} released={self.released}>"
+
+
+@dataclass(frozen=True)
+class ResetAfter:
+    """Abort the TCP connection after ``chunks`` content chunks of a streaming reply.
+
+    The role chunk is sent first and not counted, so ``ResetAfter(2)`` lets the client see the
+    role chunk and two content deltas before the stream breaks. For a non-streaming request the
+    connection is aborted before any response is written.
+    """
+
+    chunks: int = 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Override the reply for one request (``None`` fields fall back to the key's script)."""
+
+    text: str | None = None
+    chunk_size: int | None = None
+    first_token_delay: float | None = None
+    chunk_delay: float | None = None
+    finish_reason: str | None = None
+
+
+Behaviour: TypeAlias = ErrorResponse | Hang | ResetAfter | Reply
+
+
+def _format_seconds(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
+    if float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def error_sample(name: str) -> ErrorResponse:
+    """Build an :class:`ErrorResponse` from :data:`OPENAI_ERROR_SAMPLES` (a deep copy)."""
+    sample = OPENAI_ERROR_SAMPLES[name]
+    return ErrorResponse(
+        status=int(sample["status"]),
+        body=copy.deepcopy(sample["body"]),
+        headers=dict(sample["headers"]),
+    )
+
+
+def rate_limit_exceeded(retry_after: float | str | None = 20) -> ErrorResponse:
+    """429 ``rate_limit_exceeded`` with ``retry-after`` (default 20 s, ``None`` drops it)."""
+    err = error_sample("rate_limit_exceeded").with_retry_after(retry_after)
+    if retry_after is not None:
+        message = str(err.body["error"]["message"])
+        err.body["error"]["message"] = message.replace(
+            "try again in 20s.", f"try again in {_format_seconds(retry_after)}s."
+        )
+    return err
+
+
+def insufficient_quota() -> ErrorResponse:
+    """429 ``insufficient_quota`` (no retry headers)."""
+    return error_sample("insufficient_quota")
+
+
+def invalid_api_key() -> ErrorResponse:
+    """401 ``invalid_api_key``."""
+    return error_sample("invalid_api_key")
+
+
+def server_error(retry_after: float | str | None = None) -> ErrorResponse:
+    """500 ``server_error`` (``error.code`` is null), optionally with ``retry-after``."""
+    err = error_sample("server_error")
+    return err if retry_after is None else err.with_retry_after(retry_after)
+
+
+def context_length_exceeded() -> ErrorResponse:
+    """400 ``context_length_exceeded`` with ``param == "messages"``."""
+    return error_sample("context_length_exceeded")
+
+
+# --------------------------------------------------------------------------------------------
+# Scripts, records, helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    """One request received by the fake (logged before it is answered)."""
+
+    index: int
+    time: float
+    """Value of the fake's clock when the request arrived."""
+    method: str
+    path: str
+    key: str | None
+    headers: dict[str, str]
+    body: JSON
+    model: str | None = None
+    messages: list[JSON] = field(default_factory=list)
+    stream: bool = False
+    stream_options: JSON | None = None
+
+    @property
+    def last_user_text(self) -> str:
+        """Text of the last ``user`` message ("" if there is none)."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return _content_text(message.get("content"))
+        return ""
+
+
+ReplyFn: TypeAlias = Callable[[RequestRecord], str]
+
+
+@dataclass
+class KeyScript:
+    """Behaviour for one API key; ``None`` fields inherit from :attr:`FakeOpenAI.default`.
+
+    ``reply`` is a fixed string or a function of the :class:`RequestRecord`; when unset on both
+    the key and the default, the reply is :func:`echo_reply`. ``rpm_limit`` is applied per key
+    (a default limit gives every key its own window). ``persistent`` applies to every chat
+    request without a one-shot behaviour; ``queue`` holds one-shot behaviours consumed in order.
+    """
+
+    reply: str | ReplyFn | None = None
+    chunk_size: int | None = None
+    first_token_delay: float | None = None
+    chunk_delay: float | None = None
+    finish_reason: str | None = None
+    rpm_limit: int | None = None
+    reject_stream_options: bool | None = None
+    invalid: bool | None = None
+    persistent: Behaviour | None = None
+    queue: deque[tuple[str, Behaviour]] = field(default_factory=deque)
+
+    def enqueue(self, *behaviours: Behaviour, path: str = CHAT_PATH) -> KeyScript:
+        """Append one-shot behaviours consumed by the next requests to ``path``."""
+        for behaviour in behaviours:
+            self.queue.append((path, behaviour))
+        return self
+
+    def _pop(self, path: str) -> Behaviour | None:
+        for index, (queued_path, behaviour) in enumerate(self.queue):
+            if queued_path == path:
+                del self.queue[index]
+                return behaviour
+        return None
+
+
+@dataclass(frozen=True)
+class _Effective:
+    reply: str | ReplyFn | None
+    chunk_size: int
+    first_token_delay: float
+    chunk_delay: float
+    finish_reason: str
+    rpm_limit: int | None
+    reject_stream_options: bool
+    invalid: bool
+    persistent: Behaviour | None
+
+
+class ManualClock:
+    """A callable clock for the rpm window that only moves when :meth:`advance` is called."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds``."""
+        with self._lock:
+            self._now += seconds
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+        return "".join(parts)
+    return ""
+
+
+def echo_reply(record: RequestRecord) -> str:
+    """Default reply: ``"echo: <text of the last user message>"``."""
+    return f"echo: {record.last_user_text}"
+
+
+def estimate_tokens(text: str) -> int:
+    """Deterministic token estimate: one token per started group of four characters."""
+    return math.ceil(len(text) / 4)
+
+
+def prompt_tokens_for(messages: Iterable[JSON]) -> int:
+    """``prompt_tokens`` the fake reports for ``messages``."""
+    return sum(estimate_tokens(_content_text(m.get("content"))) for m in messages)
+
+
+def split_chunks(text: str, chunk_size: int) -> list[str]:
+    """Split ``text`` into content deltas of ``chunk_size`` characters."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    return [text[i : i + chunk_size] for i in range(0, len(text), chunk_size)]
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+
+class _Aborted(Exception):
+    """Internal: the connection was aborted (server stopping or a ResetAfter)."""
+
+
+class FakeOpenAI:
+    """A scriptable OpenAI-compatible server on ``127.0.0.1`` (see the module docstring).
+
+    Use ``async with FakeOpenAI() as fake`` (or :meth:`start` / :meth:`stop`), then point a
+    client at :attr:`base_url`. ``clock`` drives the rpm window (default :func:`time.monotonic`;
+    pass a :class:`ManualClock` for deterministic tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        models: Iterable[str] = DEFAULT_MODELS,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.clock = clock
+        self.models: list[str] = list(models)
+        self.host = host
+        self._requested_port = port
+        self.default = KeyScript(
+            chunk_size=4,
+            first_token_delay=0.0,
+            chunk_delay=0.0,
+            finish_reason="stop",
+            reject_stream_options=False,
+            invalid=False,
+        )
+        self.requests: list[RequestRecord] = []
+        self._scripts: dict[str, KeyScript] = {}
+        self._gates: list[Gate] = []
+        self._rpm_windows: dict[str, deque[float]] = {}
+        self._request_waiters: list[tuple[Callable[[RequestRecord], bool], int, SignalEvent]] = []
+        self._lock = threading.RLock()
+        self._counter = itertools.count(1)
+        self._closing = SignalEvent()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start serving (idempotent)."""
+        if self._runner is not None:
+            return
+        self._closing = SignalEvent()
+        app = web.Application()
+        app.router.add_post(CHAT_PATH, self._handle_chat)
+        app.router.add_get(MODELS_PATH, self._handle_models)
+        app.router.add_get(MODELS_PATH + "/{model}", self._handle_model)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._requested_port)
+        await site.start()
+        self._runner = runner
+        addresses = runner.addresses
+        self._port = int(addresses[0][1])
+
+    async def stop(self) -> None:
+        """Abort held/hanging requests and shut the server down (idempotent)."""
+        runner, self._runner = self._runner, None
+        self._closing.set()
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def run_in_thread(self) -> FakeOpenAIThread:
+        """Start this fake on its own event loop in a daemon thread; ``close()`` it when done."""
+        return FakeOpenAIThread(self).start()
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (only once started)."""
+        if self._port is None:
+            raise RuntimeError("FakeOpenAI is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` without the ``/v1`` suffix."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``, suitable for ``openai.AsyncOpenAI(base_url=...)``."""
+        return f"{self.url}/v1"
+
+    # -- scripting ---------------------------------------------------------------------------
+
+    def script(
+        self,
+        key: str,
+        *,
+        reply: str | ReplyFn | None = None,
+        chunk_size: int | None = None,
+        first_token_delay: float | None = None,
+        chunk_delay: float | None = None,
+        finish_reason: str | None = None,
+        rpm_limit: int | None = None,
+        reject_stream_options: bool | None = None,
+        invalid: bool | None = None,
+        persistent: Behaviour | None = None,
+    ) -> KeyScript:
+        """Return the (created on demand) script of ``key``, setting every non-None argument.
+
+        To reset a field to "inherit from default", assign ``None`` on the returned object.
+        """
+        with self._lock:
+            script = self._scripts.setdefault(key, KeyScript())
+            updates: dict[str, object] = {
+                "reply": reply,
+                "chunk_size": chunk_size,
+                "first_token_delay": first_token_delay,
+                "chunk_delay": chunk_delay,
+                "finish_reason": finish_reason,
+                "rpm_limit": rpm_limit,
+                "reject_stream_options": reject_stream_options,
+                "invalid": invalid,
+                "persistent": persistent,
+            }
+            for name, value in updates.items():
+                if value is not None:
+                    setattr(script, name, value)
+            return script
+
+    def enqueue(
+        self, *behaviours: Behaviour, key: str | None = None, path: str = CHAT_PATH
+    ) -> None:
+        """One-shot behaviours for ``key`` (or, with ``key=None``, for any key's next request)."""
+        with self._lock:
+            target = self.default if key is None else self.script(key)
+            target.enqueue(*behaviours, path=path)
+
+    def invalidate(self, *keys: str) -> None:
+        """Mark keys invalid: every endpoint answers 401 ``invalid_api_key``."""
+        for key in keys:
+            self.script(key, invalid=True)
+
+    def hold_next(
+        self, key: str | None = None, *, after_chunks: int = 0, path: str = CHAT_PATH
+    ) -> Gate:
+        """Hold the next request to ``path`` (from ``key``, or any key) until released.
+
+        ``await gate.arrived.wait()`` (or ``gate.wait_arrived_blocking()``) tells when the
+        request reached the hold point; ``gate.release()`` lets it continue. ``after_chunks=1``
+        pauses a streaming reply right after its first content chunk.
+        """
+        gate = Gate(key, path, after_chunks)
+        with self._lock:
+            self._gates.append(gate)
+        return gate
+
+    # -- request log -------------------------------------------------------------------------
+
+    def requests_for(self, key: str | None, *, path: str | None = None) -> list[RequestRecord]:
+        """Logged requests made with ``key`` (optionally only to ``path``)."""
+        with self._lock:
+            return [r for r in self.requests if r.key == key and (path is None or r.path == path)]
+
+    def clear_requests(self) -> None:
+        """Forget the request log (pending waiters keep counting from the new empty log)."""
+        with self._lock:
+            self.requests.clear()
+
+    @staticmethod
+    def _matcher(key: str | None, path: str | None) -> Callable[[RequestRecord], bool]:
+        def match(record: RequestRecord) -> bool:
+            return (key is None or record.key == key) and (path is None or record.path == path)
+
+        return match
+
+    def _register_request_waiter(
+        self, n: int, key: str | None, path: str | None
+    ) -> tuple[SignalEvent, Callable[[], list[RequestRecord]]]:
+        match = self._matcher(key, path)
+        event = SignalEvent()
+
+        def matching() -> list[RequestRecord]:
+            with self._lock:
+                return [r for r in self.requests if match(r)]
+
+        with self._lock:
+            if len(matching()) >= n:
+                event.set()
+            else:
+                self._request_waiters.append((match, n, event))
+        return event, matching
+
+    def _drop_request_waiter(self, event: SignalEvent) -> None:
+        with self._lock:
+            self._request_waiters = [w for w in self._request_waiters if w[2] is not event]
+
+    async def wait_for_requests(
+        self,
+        n: int,
+        timeout: float = 5.0,
+        *,
+        key: str | None = None,
+        path: str | None = None,
+    ) -> list[RequestRecord]:
+        """Wait until at least ``n`` matching requests were logged; return the first ``n``.
+
+        Works from any event loop (also when the fake runs in another thread). Raises
+        :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        event, matching = self._register_request_waiter(n, key, path)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            got = len(matching())
+            raise TimeoutError(f"expected {n} request(s), got {got} after {timeout}s") from None
+        finally:
+            self._drop_request_waiter(event)
+        return matching()[:n]
+
+    def wait_for_requests_blocking(
+        self,
+        n: int,
+        timeout: float = 5.0,
+        *,
+        key: str | None = None,
+        path: str | None = None,
+    ) -> list[RequestRecord]:
+        """Blocking variant of :meth:`wait_for_requests` for synchronous test code."""
+        event, matching = self._register_request_waiter(n, key, path)
+        try:
+            if not event.wait_blocking(timeout):
+                got = len(matching())
+                raise TimeoutError(f"expected {n} request(s), got {got} after {timeout}s")
+        finally:
+            self._drop_request_waiter(event)
+        return matching()[:n]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _effective(self, key: str) -> _Effective:
+        with self._lock:
+            script = self._scripts.get(key)
+            d = self.default
+
+            def pick(name: str) -> Any:
+                value = getattr(script, name) if script is not None else None
+                return getattr(d, name) if value is None else value
+
+            return _Effective(
+                reply=pick("reply"),
+                chunk_size=int(pick("chunk_size") or 4),
+                first_token_delay=float(pick("first_token_delay") or 0.0),
+                chunk_delay=float(pick("chunk_delay") or 0.0),
+                finish_reason=str(pick("finish_reason") or "stop"),
+                rpm_limit=pick("rpm_limit"),
+                reject_stream_options=bool(pick("reject_stream_options")),
+                invalid=bool(pick("invalid")),
+                persistent=pick("persistent"),
+            )
+
+    def _log(self, request: web.Request, key: str | None, body: JSON) -> RequestRecord:
+        raw_messages = body.get("messages")
+        messages = [m for m in raw_messages if isinstance(m, dict)] if raw_messages else []
+        stream_options = body.get("stream_options")
+        model = body.get("model")
+        with self._lock:
+            record = RequestRecord(
+                index=len(self.requests),
+                time=self.clock(),
+                method=request.method,
+                path=request.path,
+                key=key,
+                headers=dict(request.headers),
+                body=body,
+                model=model if isinstance(model, str) else None,
+                messages=messages,
+                stream=bool(body.get("stream")),
+                stream_options=stream_options if isinstance(stream_options, dict) else None,
+            )
+            self.requests.append(record)
+            woken = [w for w in self._request_waiters if sum(map(w[0], self.requests)) >= w[1]]
+            self._request_waiters = [w for w in self._request_waiters if w not in woken]
+        for _, _, event in woken:
+            event.set()
+        return record
+
+    def _take_gate(self, key: str, path: str) -> Gate | None:
+        with self._lock:
+            for gate in self._gates:
+                if gate.path == path and (gate.key is None or gate.key == key):
+                    self._gates.remove(gate)
+                    return gate
+        return None
+
+    def _next_behaviour(self, key: str, path: str, effective: _Effective) -> Behaviour | None:
+        with self._lock:
+            script = self._scripts.get(key)
+            behaviour = script._pop(path) if script is not None else None
+            if behaviour is None:
+                behaviour = self.default._pop(path)
+        if behaviour is None and path == CHAT_PATH:
+            behaviour = effective.persistent
+        return behaviour
+
+    def _check_rpm(self, key: str, limit: int | None) -> ErrorResponse | None:
+        if limit is None:
+            return None
+        now = self.clock()
+        with self._lock:
+            window = self._rpm_windows.setdefault(key, deque())
+            while window and window[0] <= now - RPM_WINDOW_SECONDS:
+                window.popleft()
+            if len(window) < limit:
+                window.append(now)
+                return None
+            retry_after = max(1, math.ceil(window[0] + RPM_WINDOW_SECONDS - now))
+            used = len(window)
+        err = rate_limit_exceeded(retry_after)
+        err.body["error"]["message"] = (
+            f"Rate limit reached for requests per min (RPM): Limit {limit}, Used {used}, "
+            f"Requested 1. Please try again in {retry_after}s."
+        )
+        return err
+
+    def _request_id(self) -> str:
+        return f"req_fake_{next(self._counter)}"
+
+    def _error(self, err: ErrorResponse) -> web.Response:
+        headers = {"x-request-id": self._request_id(), **err.headers}
+        return web.json_response(err.body, status=err.status, headers=headers)
+
+    def _auth(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip()
+
+    async def _hold(self, latch: _Latch, request: web.Request) -> None:
+        latch.arrived.set()
+        which = await _wait_any(latch._released, self._closing)
+        if which is self._closing and not latch.released:
+            self._abort(request)
+            raise _Aborted
+
+    async def _sleep(self, seconds: float, request: web.Request) -> None:
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        if self._closing.is_set():
+            self._abort(request)
+            raise _Aborted
+
+    @staticmethod
+    def _abort(request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    @staticmethod
+    async def _read_json(request: web.Request) -> JSON | None:
+        raw = await request.read()
+        if not raw:
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def _handle_models(self, request: web.Request) -> web.StreamResponse:
+        key = self._auth(request)
+        self._log(request, key, {})
+        return await self._models_common(request, key, None)
+
+    async def _handle_model(self, request: web.Request) -> web.StreamResponse:
+        key = self._auth(request)
+        self._log(request, key, {})
+        return await self._models_common(request, key, request.match_info["model"])
+
+    async def _models_common(
+        self, request: web.Request, key: str | None, model: str | None
+    ) -> web.StreamResponse:
+        if key is None:
+            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR)))
+        effective = self._effective(key)
+        if effective.invalid:
+            return self._error(invalid_api_key())
+        try:
+            behaviour = self._next_behaviour(key, MODELS_PATH, effective)
+            gate = self._take_gate(key, MODELS_PATH)
+            if gate is not None:
+                await self._hold(gate, request)
+            if isinstance(behaviour, Hang):
+                await self._hold(behaviour, request)
+            if isinstance(behaviour, ErrorResponse):
+                return self._error(behaviour)
+            if isinstance(behaviour, ResetAfter):
+                self._abort(request)
+                raise _Aborted
+        except _Aborted:
+            return web.Response()
+        headers = {"x-request-id": self._request_id()}
+        if model is not None:
+            if model not in self.models:
+                return self._error(
+                    ErrorResponse(
+                        404,
+                        {
+                            "error": {
+                                "message": f"The model '{model}' does not exist",
+                                "type": "invalid_request_error",
+                                "param": "model",
+                                "code": "model_not_found",
+                            }
+                        },
+                    )
+                )
+            return web.json_response(_model_object(model), headers=headers)
+        data = {"object": "list", "data": [_model_object(m) for m in self.models]}
+        return web.json_response(data, headers=headers)
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        key = self._auth(request)
+        body = await self._read_json(request)
+        record = self._log(request, key, body if body is not None else {})
+        if key is None:
+            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR)))
+        effective = self._effective(key)
+        if effective.invalid:
+            return self._error(invalid_api_key())
+        if body is None or not isinstance(body.get("messages"), list):
+            return self._error(
+                ErrorResponse(
+                    400,
+                    {
+                        "error": {
+                            "message": "'messages' is a required property",
+                            "type": "invalid_request_error",
+                            "param": "messages",
+                            "code": None,
+                        }
+                    },
+                )
+            )
+        limited = self._check_rpm(key, effective.rpm_limit)
+        if limited is not None:
+            return self._error(limited)
+        behaviour = self._next_behaviour(key, CHAT_PATH, effective)
+        gate = self._take_gate(key, CHAT_PATH)
+        try:
+            if gate is not None and (gate.after_chunks == 0 or not record.stream):
+                await self._hold(gate, request)
+                gate = None
+            if isinstance(behaviour, Hang):
+                await self._hold(behaviour, request)
+            if isinstance(behaviour, ErrorResponse):
+                return self._error(behaviour)
+            if effective.reject_stream_options and "stream_options" in body:
+                return self._error(
+                    ErrorResponse(400, copy.deepcopy(STREAM_OPTIONS_UNSUPPORTED_ERROR))
+                )
+            if isinstance(behaviour, ResetAfter) and not record.stream:
+                self._abort(request)
+                raise _Aborted
+            return await self._reply(request, record, effective, behaviour, gate)
+        except _Aborted:
+            return web.Response()
+
+    async def _reply(
+        self,
+        request: web.Request,
+        record: RequestRecord,
+        effective: _Effective,
+        behaviour: Behaviour | None,
+        gate: Gate | None,
+    ) -> web.StreamResponse:
+        override = behaviour if isinstance(behaviour, Reply) else Reply()
+        reply_source: str | ReplyFn | None = (
+            override.text if override.text is not None else effective.reply
+        )
+        if reply_source is None:
+            text = echo_reply(record)
+        elif isinstance(reply_source, str):
+            text = reply_source
+        else:
+            text = reply_source(record)
+        chunk_size = override.chunk_size or effective.chunk_size
+        first_delay = (
+            override.first_token_delay
+            if override.first_token_delay is not None
+            else effective.first_token_delay
+        )
+        chunk_delay = (
+            override.chunk_delay if override.chunk_delay is not None else effective.chunk_delay
+        )
+        finish_reason = override.finish_reason or effective.finish_reason
+        chunks = split_chunks(text, chunk_size)
+        model = record.model or self.models[0]
+        usage = {
+            "prompt_tokens": prompt_tokens_for(record.messages),
+            "completion_tokens": len(chunks),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        completion_id = f"chatcmpl-fake{record.index}"
+        created = int(time.time())
+
+        if not record.stream:
+            await self._sleep(first_delay, request)
+            payload = {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+            return web.json_response(payload, headers={"x-request-id": self._request_id()})
+
+        include_usage = bool((record.stream_options or {}).get("include_usage"))
+        reset_after = behaviour.chunks if isinstance(behaviour, ResetAfter) else None
+
+        def chunk(delta: JSON, finish: str | None) -> bytes:
+            obj: JSON = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if include_usage:
+                obj["usage"] = None
+            return _sse(obj)
+
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "x-request-id": self._request_id(),
+            },
+        )
+        try:
+            await response.prepare(request)
+            await self._sleep(first_delay, request)
+            await response.write(chunk({"role": "assistant", "content": "", "refusal": None}, None))
+            for sent, piece in enumerate(chunks):
+                if reset_after is not None and sent >= reset_after:
+                    self._abort(request)
+                    return response
+                if sent > 0:
+                    await self._sleep(chunk_delay, request)
+                await response.write(chunk({"content": piece}, None))
+                if gate is not None and gate.after_chunks == sent + 1:
+                    await self._hold(gate, request)
+                    gate = None
+            if gate is not None:  # the reply has fewer chunks: hold before the finish chunk
+                await self._hold(gate, request)
+            if reset_after is not None:
+                self._abort(request)
+                return response
+            await response.write(chunk({}, finish_reason))
+            if include_usage:
+                usage_chunk = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "system_fingerprint": "fp_fake",
+                    "choices": [],
+                    "usage": usage,
+                }
+                await response.write(_sse(usage_chunk))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (_Aborted, ConnectionError):
+            pass
+        return response
+
+
+def _sse(obj: JSON) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _model_object(model: str) -> JSON:
+    return {"id": model, "object": "model", "created": 1700000000, "owned_by": "openai"}
+
+
+# --------------------------------------------------------------------------------------------
+# Thread runner
+# --------------------------------------------------------------------------------------------
+
+
+class FakeOpenAIThread:
+    """Runs a :class:`FakeOpenAI` on a private event loop in a daemon thread.
+
+    Intended for tests where the code under test runs in a subprocess or uses a synchronous
+    client::
+
+        with FakeOpenAIThread() as server:
+            env["OPENAI_BASE_URL"] = server.base_url
+            server.fake.script("sk-a", reply="hi")
+            ...
+            server.fake.wait_for_requests_blocking(1)
+
+    :meth:`start` blocks until the port is bound; :meth:`close` stops the server (aborting held
+    requests) and joins the thread.
+    """
+
+    def __init__(self, fake: FakeOpenAI | None = None, *, start_timeout: float = 10.0) -> None:
+        self.fake = fake if fake is not None else FakeOpenAI()
+        self._start_timeout = start_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1`` of the running fake."""
+        return self.fake.base_url
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            try:
+                loop.run_until_complete(self.fake.start())
+            except BaseException as exc:  # propagate to start()
+                self._error = exc
+                return
+            finally:
+                self._ready.set()
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    def start(self) -> FakeOpenAIThread:
+        """Start the thread and wait until the server accepts connections."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._run, name="FakeOpenAIThread", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout):
+            raise TimeoutError("FakeOpenAIThread did not start in time")
+        if self._error is not None:
+            raise RuntimeError("FakeOpenAI failed to start") from self._error
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the server, stop the loop and join the thread (idempotent)."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        self._thread = None
+        if not loop.is_closed() and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self.fake.stop(), loop)
+            try:
+                future.result(timeout)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+
+    def __enter__(self) -> FakeOpenAIThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,693 @@
+"""Specs for the protocol-level OpenAI fake, exercised through the real ``openai`` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+import httpx2
+import openai
+import pytest
+
+from tests.fakes.openai_server import (
+    CHAT_PATH,
+    DEFAULT_MODELS,
+    MODELS_PATH,
+    OPENAI_ERROR_SAMPLES,
+    ErrorResponse,
+    FakeOpenAI,
+    FakeOpenAIThread,
+    Hang,
+    ManualClock,
+    Reply,
+    ResetAfter,
+    context_length_exceeded,
+    error_sample,
+    estimate_tokens,
+    insufficient_quota,
+    invalid_api_key,
+    rate_limit_exceeded,
+    server_error,
+)
+
+KEY = "sk-test-a"
+OTHER_KEY = "sk-test-b"
+MODEL = "gpt-4o-mini"
+WAIT = 5.0  # upper bound for event waits; never a sleep
+
+
+def _messages(text: str = "hello world") -> list[Any]:
+    return [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": text},
+    ]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(fake: FakeOpenAI) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as c:
+        yield c
+
+
+async def _stream_text(client: openai.AsyncOpenAI, **kwargs: Any) -> tuple[list[str], list[Any]]:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=_messages(), stream=True, **kwargs
+    )
+    deltas: list[str] = []
+    chunks: list[Any] = []
+    async for chunk in stream:
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            deltas.append(chunk.choices[0].delta.content)
+    return deltas, chunks
+
+
+# --- happy paths ----------------------------------------------------------------------------
+
+
+async def test_streaming_delivers_scripted_text_in_chunks_then_done(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="Hello, Feishu!", chunk_size=5)
+
+    deltas, chunks = await _stream_text(client)
+
+    assert deltas == ["Hello", ", Fei", "shu!"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_streaming_wire_format_is_sse_data_lines_ending_with_done(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="abcdef", chunk_size=3)
+    async with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=_messages(), stream=True
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in response.iter_lines() if line]
+
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert len(lines) == 1 + 2 + 1 + 1  # role, two content deltas, finish, [DONE]
+
+
+async def test_default_reply_echoes_last_user_message(client: openai.AsyncOpenAI) -> None:
+    deltas, _ = await _stream_text(client)
+
+    assert "".join(deltas) == "echo: hello world"
+    assert deltas[0] == "echo"  # default chunk size is 4 characters
+
+
+async def test_include_usage_yields_final_usage_chunk_with_empty_choices(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="one two three", chunk_size=4)
+
+    deltas, chunks = await _stream_text(client, stream_options={"include_usage": True})
+
+    assert "".join(deltas) == "one two three"
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    expected_prompt = estimate_tokens("You are terse.") + estimate_tokens("hello world")
+    assert last.usage.prompt_tokens == expected_prompt
+    assert last.usage.completion_tokens == len(deltas) == 4
+    assert last.usage.total_tokens == expected_prompt + 4
+    assert all(c.usage is None for c in chunks[:-1])
+    assert fake.requests[-1].stream_options == {"include_usage": True}
+
+
+async def test_non_streaming_completion_returns_message_and_usage(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="plain answer", chunk_size=6)
+
+    completion = await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert completion.object == "chat.completion"
+    assert completion.model == MODEL
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content == "plain answer"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 2
+    assert completion.usage.prompt_tokens == estimate_tokens("You are terse.") + estimate_tokens(
+        "hello world"
+    )
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 2
+
+
+async def test_reply_can_be_a_function_of_the_request_and_one_shot_reply_overrides_it(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply=lambda rec: f"{rec.model}:{len(rec.messages)}")
+    fake.script(KEY).enqueue(Reply(text="override", finish_reason="length"))
+
+    first = await client.chat.completions.create(model=MODEL, messages=_messages())
+    second = await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert first.choices[0].message.content == "override"
+    assert first.choices[0].finish_reason == "length"
+    assert second.choices[0].message.content == f"{MODEL}:2"
+
+
+async def test_request_log_records_key_model_messages_stream_flag_and_body(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    await _stream_text(client, temperature=0.2)
+
+    [record] = await fake.wait_for_requests(1, timeout=WAIT)
+    assert record.path == CHAT_PATH
+    assert record.key == KEY
+    assert record.model == MODEL
+    assert record.messages == _messages()
+    assert record.stream is True
+    assert record.stream_options is None
+    assert record.body["temperature"] == 0.2
+    assert record.last_user_text == "hello world"
+    assert fake.requests_for(KEY) == [record]
+    assert fake.requests_for(OTHER_KEY) == []
+
+
+async def test_scripts_are_per_key_with_default_fallback(fake: FakeOpenAI) -> None:
+    fake.default.reply = "from default"
+    fake.script(KEY, reply="from key a")
+    async with (
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as a,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0) as b,
+    ):
+        ra = await a.chat.completions.create(model=MODEL, messages=_messages())
+        rb = await b.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert ra.choices[0].message.content == "from key a"
+    assert rb.choices[0].message.content == "from default"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+async def test_rate_limit_error_exposes_code_and_retry_after_then_next_request_succeeds(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(rate_limit_exceeded(retry_after=7))
+
+    with pytest.raises(openai.RateLimitError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+    ok = await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    err = excinfo.value
+    assert err.status_code == 429
+    assert err.code == "rate_limit_exceeded"
+    assert err.type == "requests"
+    # The SDK unwraps the top-level "error" object into `body`.
+    assert isinstance(err.body, dict)
+    assert err.body["code"] == "rate_limit_exceeded"
+    assert "try again in 7s" in err.body["message"]
+    assert err.response.headers["retry-after"] == "7"
+    assert err.response.headers["x-ratelimit-reset-requests"] == "7s"
+    assert err.request_id is not None
+    assert err.request_id.startswith("req_fake_")
+    assert ok.choices[0].message.content == "echo: hello world"
+
+
+async def test_rate_limit_error_while_streaming_is_raised_by_create(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.enqueue(rate_limit_exceeded())  # default queue: the next request of any key
+
+    with pytest.raises(openai.RateLimitError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+
+    assert excinfo.value.response.headers["retry-after"] == "20"
+
+
+async def test_insufficient_quota_is_a_rate_limit_error_with_its_own_code(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, persistent=insufficient_quota())
+
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            await client.chat.completions.create(model=MODEL, messages=_messages())
+        assert excinfo.value.code == "insufficient_quota"
+        assert excinfo.value.type == "insufficient_quota"
+        assert "retry-after" not in excinfo.value.response.headers
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "exc_type", "status", "code"),
+    [
+        ("server_error", server_error, openai.InternalServerError, 500, None),
+        (
+            "context_length_exceeded",
+            context_length_exceeded,
+            openai.BadRequestError,
+            400,
+            "context_length_exceeded",
+        ),
+        ("invalid_api_key", invalid_api_key, openai.AuthenticationError, 401, "invalid_api_key"),
+    ],
+)
+async def test_error_samples_map_to_sdk_exception_types(
+    fake: FakeOpenAI,
+    client: openai.AsyncOpenAI,
+    name: str,
+    make: Callable[[], ErrorResponse],
+    exc_type: type[openai.APIStatusError],
+    status: int,
+    code: str | None,
+) -> None:
+    fake.script(KEY).enqueue(make())
+
+    with pytest.raises(exc_type) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert excinfo.value.status_code == status
+    assert excinfo.value.code == code
+    # `err.body` is the sample's inner "error" object, unwrapped by the SDK.
+    assert excinfo.value.body == OPENAI_ERROR_SAMPLES[name]["body"]["error"]
+    assert make() == error_sample(name)
+
+
+async def test_server_error_can_carry_a_retry_after_header(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.enqueue(server_error(retry_after=1.5))
+
+    with pytest.raises(openai.InternalServerError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert excinfo.value.response.headers["retry-after"] == "1.5"
+
+
+async def test_models_list_accepts_valid_key_and_rejects_invalid_key_with_401(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.invalidate(OTHER_KEY)
+
+    page = await client.models.list()
+    async with openai.AsyncOpenAI(
+        base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0
+    ) as bad_client:
+        with pytest.raises(openai.AuthenticationError) as excinfo:
+            await bad_client.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            await bad_client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert [m.id for m in page.data] == list(DEFAULT_MODELS)
+    assert excinfo.value.status_code == 401
+    assert excinfo.value.code == "invalid_api_key"
+    assert [r.path for r in fake.requests_for(OTHER_KEY)] == [MODELS_PATH, CHAT_PATH]
+
+
+async def test_default_invalid_makes_every_unscripted_key_invalid(fake: FakeOpenAI) -> None:
+    fake.default.invalid = True
+    fake.script(KEY, invalid=False)
+    async with (
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as good,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0) as bad,
+    ):
+        await good.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            await bad.models.list()
+
+
+async def test_missing_authorization_header_gets_openai_shaped_401(fake: FakeOpenAI) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            fake.base_url + "/chat/completions", json={"model": MODEL, "messages": []}
+        ) as resp,
+    ):
+        body = await resp.json()
+
+    assert resp.status == 401
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    assert fake.requests[-1].key is None
+
+
+async def test_models_endpoint_can_be_scripted_separately_from_chat(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(server_error(), path=MODELS_PATH)
+
+    await client.chat.completions.create(model=MODEL, messages=_messages())
+    with pytest.raises(openai.InternalServerError):
+        await client.models.list()
+    await client.models.list()
+
+
+# --- hangs, resets and gates -----------------------------------------------------------------
+
+
+async def test_hang_causes_api_timeout_error_with_short_client_timeout(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    hang = Hang()
+    fake.script(KEY).enqueue(hang)
+
+    with pytest.raises(openai.APITimeoutError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages(), timeout=0.5)
+
+    assert hang.arrived.is_set()
+    assert isinstance(excinfo.value, openai.APIConnectionError)
+    assert isinstance(excinfo.value.__cause__, httpx2.TimeoutException)
+
+
+async def test_released_hang_answers_normally(fake: FakeOpenAI, client: openai.AsyncOpenAI) -> None:
+    hang = Hang()
+    fake.enqueue(hang)
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_messages()))
+
+    await hang.wait_arrived(WAIT)
+    assert not task.done()
+    hang.release()
+    completion = await asyncio.wait_for(task, WAIT)
+
+    assert completion.choices[0].message.content == "echo: hello world"
+
+
+async def test_stopping_the_server_aborts_hanging_requests(fake: FakeOpenAI) -> None:
+    hang = Hang()
+    fake.enqueue(hang)
+    async with openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as client:
+        task = asyncio.create_task(
+            client.chat.completions.create(model=MODEL, messages=_messages())
+        )
+        await hang.wait_arrived(WAIT)
+        await asyncio.wait_for(fake.stop(), WAIT)
+
+        with pytest.raises(openai.APIConnectionError):
+            await asyncio.wait_for(task, WAIT)
+
+
+async def test_mid_stream_reset_raises_api_connection_error_after_partial_deltas(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="abcdefghij", chunk_size=2)
+    fake.script(KEY).enqueue(ResetAfter(chunks=2))
+    stream = await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(openai.APIConnectionError) as excinfo:
+        await consume()
+
+    err = excinfo.value
+    assert type(err) is openai.APIConnectionError  # not APITimeoutError
+    assert isinstance(err.__cause__, httpx2.RemoteProtocolError)
+    assert "incomplete chunked read" in str(err.__cause__)
+    assert received == ["", "ab", "cd"]  # role chunk + two content deltas
+
+
+async def test_reset_on_non_streaming_request_raises_api_connection_error(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.enqueue(ResetAfter())
+
+    with pytest.raises(openai.APIConnectionError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert isinstance(excinfo.value.__cause__, httpx2.RemoteProtocolError)
+    # The connection pool recovers: the next request succeeds.
+    await client.chat.completions.create(model=MODEL, messages=_messages())
+
+
+async def test_hold_next_gate_holds_request_until_released(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    gate = fake.hold_next(KEY)
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_messages()))
+
+    await asyncio.wait_for(gate.arrived.wait(), WAIT)
+    assert not task.done()
+    assert len(fake.requests) == 1
+    gate.release()
+    completion = await asyncio.wait_for(task, WAIT)
+
+    assert completion.choices[0].message.content == "echo: hello world"
+    # A gate is one-shot: the next request is not held.
+    await asyncio.wait_for(client.chat.completions.create(model=MODEL, messages=_messages()), WAIT)
+
+
+async def test_hold_next_for_one_key_does_not_hold_other_keys(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    gate = fake.hold_next(OTHER_KEY)
+
+    await asyncio.wait_for(client.chat.completions.create(model=MODEL, messages=_messages()), WAIT)
+
+    assert not gate.arrived.is_set()
+
+
+async def test_mid_stream_gate_exposes_partial_output_before_release(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="Hello world", chunk_size=5)
+    gate = fake.hold_next(after_chunks=1)
+    stream = await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+    iterator = aiter(stream)
+
+    role = await asyncio.wait_for(anext(iterator), WAIT)
+    first = await asyncio.wait_for(anext(iterator), WAIT)
+    await asyncio.wait_for(gate.arrived.wait(), WAIT)
+    assert role.choices[0].delta.role == "assistant"
+    assert first.choices[0].delta.content == "Hello"
+    assert not gate.released
+
+    gate.release()
+    rest = [c.choices[0].delta.content async for c in iterator if c.choices]
+    assert rest == [" worl", "d", None]
+
+
+async def test_gate_after_more_chunks_than_the_reply_has_holds_before_finish(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="short", chunk_size=10)
+    gate = fake.hold_next(KEY, after_chunks=5)
+    stream = await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+    iterator = aiter(stream)
+
+    contents = [(await asyncio.wait_for(anext(iterator), WAIT)).choices[0].delta.content]
+    contents.append((await asyncio.wait_for(anext(iterator), WAIT)).choices[0].delta.content)
+    await gate.wait_arrived(WAIT)
+    gate.release()
+    finish = [c.choices[0].finish_reason async for c in iterator]
+
+    assert contents == ["", "short"]
+    assert finish == ["stop"]
+
+
+async def test_models_requests_can_be_held_by_a_gate(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    gate = fake.hold_next(KEY, path=MODELS_PATH)
+    await client.chat.completions.create(model=MODEL, messages=_messages())  # not held
+
+    async def list_model_ids() -> list[str]:
+        return [m.id for m in (await client.models.list()).data]
+
+    task = asyncio.create_task(list_model_ids())
+
+    await gate.wait_arrived(WAIT)
+    gate.release()
+    assert await asyncio.wait_for(task, WAIT) == list(DEFAULT_MODELS)
+
+
+async def test_token_delays_keep_output_intact_and_stop_interrupts_a_long_delay(
+    fake: FakeOpenAI,
+) -> None:
+    fake.script(KEY, reply="delayed text", chunk_size=3, chunk_delay=0.001)
+    fake.script(OTHER_KEY, first_token_delay=60.0)
+    async with (
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as quick,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0) as slow,
+    ):
+        deltas, _ = await _stream_text(quick)
+        stream = await slow.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+
+        # Headers are sent before the first-token delay; the first chunk is pending.
+        async def first_chunk() -> Any:
+            return await anext(aiter(stream))
+
+        first = asyncio.create_task(first_chunk())
+        await fake.wait_for_requests(1, timeout=WAIT, key=OTHER_KEY)
+        await asyncio.wait_for(fake.stop(), WAIT)
+
+        with pytest.raises(openai.APIConnectionError):
+            await asyncio.wait_for(first, WAIT)
+
+    assert deltas == ["del", "aye", "d t", "ext"]
+
+
+# --- rpm limit and stream_options ------------------------------------------------------------
+
+
+async def test_rpm_limit_answers_429_with_retry_after_until_the_window_slides() -> None:
+    clock = ManualClock()
+    async with (
+        FakeOpenAI(clock=clock) as fake,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as client,
+    ):
+        fake.script(KEY, rpm_limit=2)
+
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+        clock.advance(10)
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+        clock.advance(5)
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            await client.chat.completions.create(model=MODEL, messages=_messages())
+        assert excinfo.value.code == "rate_limit_exceeded"
+        assert excinfo.value.response.headers["retry-after"] == "45"
+
+        # Other keys have their own (unlimited) budget.
+        async with openai.AsyncOpenAI(
+            base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0
+        ) as other:
+            await other.chat.completions.create(model=MODEL, messages=_messages())
+
+        clock.advance(45)  # the first request leaves the 60 s window
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            await client.chat.completions.create(model=MODEL, messages=_messages())
+        assert excinfo.value.response.headers["retry-after"] == "10"
+
+
+async def test_reject_stream_options_answers_400_only_when_the_field_is_present(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reject_stream_options=True)
+
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=_messages(),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    deltas, _ = await _stream_text(client)
+
+    assert excinfo.value.param == "stream_options"
+    assert "stream_options" in excinfo.value.message
+    assert "".join(deltas) == "echo: hello world"
+
+
+# --- waiting and thread mode -----------------------------------------------------------------
+
+
+async def test_wait_for_requests_waits_for_the_nth_matching_request(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    waiter = asyncio.create_task(fake.wait_for_requests(2, timeout=WAIT, key=KEY))
+
+    await client.chat.completions.create(model=MODEL, messages=_messages("one"))
+    assert not waiter.done()
+    await client.chat.completions.create(model=MODEL, messages=_messages("two"))
+    records = await asyncio.wait_for(waiter, WAIT)
+
+    assert [r.last_user_text for r in records] == ["one", "two"]
+
+
+async def test_wait_for_requests_raises_timeout_error_when_too_few_arrive(
+    fake: FakeOpenAI,
+) -> None:
+    with pytest.raises(TimeoutError, match="expected 1 request"):
+        await fake.wait_for_requests(1, timeout=0.05)
+
+
+def test_thread_mode_fake_serves_the_synchronous_client() -> None:
+    with FakeOpenAIThread() as server:
+        server.fake.script(KEY, reply="sync hello", chunk_size=4)
+        server.fake.script(KEY).enqueue(rate_limit_exceeded(retry_after=3))
+        with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError) as excinfo:
+                client.chat.completions.create(model=MODEL, messages=_messages())
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=_messages(),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = list(stream)
+            models = client.models.list()
+
+        records = server.fake.wait_for_requests_blocking(3, timeout=WAIT)
+
+    assert excinfo.value.response.headers["retry-after"] == "3"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "sync hello"
+    assert chunks[-1].usage is not None
+    assert [m.id for m in models.data] == list(DEFAULT_MODELS)
+    assert [r.path for r in records] == [CHAT_PATH, CHAT_PATH, MODELS_PATH]
+
+
+def test_thread_mode_gate_can_be_awaited_and_released_from_another_thread() -> None:
+    server = FakeOpenAI().run_in_thread()
+    try:
+        gate = server.fake.hold_next()
+        with (
+            openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client,
+            ThreadPoolExecutor(max_workers=1) as pool,
+        ):
+            future = pool.submit(client.chat.completions.create, model=MODEL, messages=_messages())
+            gate.wait_arrived_blocking(WAIT)
+            assert not future.done()
+            gate.release()
+            completion = future.result(WAIT)
+    finally:
+        server.close()
+
+    assert completion.choices[0].message.content == "echo: hello world"
+
+
+async def test_thread_mode_fake_is_awaitable_from_the_test_event_loop() -> None:
+    server = FakeOpenAIThread().start()
+    try:
+        gate = server.fake.hold_next(KEY)
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key=KEY, max_retries=0
+        ) as client:
+            task = asyncio.create_task(
+                client.chat.completions.create(model=MODEL, messages=_messages())
+            )
+            [record] = await server.fake.wait_for_requests(1, timeout=WAIT)
+            await asyncio.wait_for(gate.arrived.wait(), WAIT)
+            gate.release()
+            completion = await asyncio.wait_for(task, WAIT)
+    finally:
+        server.close()
+
+    assert record.key == KEY
+    assert completion.choices[0].message.content == "echo: hello world"
+
+
+def test_thread_close_aborts_a_hanging_request_and_is_idempotent() -> None:
+    server = FakeOpenAIThread().start()
+    hang = Hang()
+    server.fake.script(KEY, persistent=hang)
+    with (
+        openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        future = pool.submit(client.chat.completions.create, model=MODEL, messages=_messages())
+        hang.wait_arrived_blocking(WAIT)
+        server.close()
+        server.close()
+        with pytest.raises(openai.APIConnectionError):
+            future.result(WAIT)
