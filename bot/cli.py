@@ -16,7 +16,7 @@ from bot import __version__
 from bot.app import build_core
 from bot.chat.terminal import TerminalChat
 from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
-from bot.errors import BotError, ConfigError
+from bot.errors import BotError, ConfigError, FeishuConnectError
 from bot.logging import Redactor, configure_logging
 
 EXIT_OK = 0
@@ -157,13 +157,15 @@ def setup_logging(
 def _run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
     settings.require_feishu_credentials()
-    setup_logging(args, settings)
-    print(
-        "error: `run` is not available yet: the Feishu gateway arrives in a later release; "
-        "use `python -m bot chat` meanwhile",
-        file=sys.stderr,
-    )
-    return EXIT_FAILURE
+    redactor = setup_logging(args, settings)
+    from bot.feishu.runner import serve  # imports the Feishu SDK, which takes a moment
+
+    try:
+        asyncio.run(serve(settings, redactor))
+    except FeishuConnectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -52,6 +52,8 @@ class FeishuSettings(_Section):
     app_id: str = ""
     app_secret: SecretStr = SecretStr("")
     domain: str = "https://open.feishu.cn"
+    connect_timeout_s: float = Field(default=20, gt=0)
+    shutdown_grace_s: float = Field(default=10, ge=0)
 
     _domain_is_url = field_validator("domain")(_check_http_url)
 
@@ -102,6 +104,9 @@ class ChatSettings(_Section):
     idle_reset_minutes: int = Field(default=720, ge=0)
     personas: dict[str, PersonaSettings] = Field(default_factory=dict)
     group_requires_mention: bool = True
+    merge_burst_ms: int = Field(default=0, ge=0, le=10_000)
+    stream_update_ms: int = Field(default=300, ge=50, le=10_000)
+    resume_within_minutes: float = Field(default=10, ge=0)
 
 
 class AccessSettings(_Section):

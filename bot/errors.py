@@ -45,3 +45,7 @@ class RequestRejected(LLMError):
 
 class ReplyInterrupted(LLMError):
     """The stream broke after some text had already reached the user."""
+
+
+class FeishuConnectError(BotError):
+    """The long connection could not be established (bad credentials, unreachable domain)."""

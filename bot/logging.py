@@ -15,11 +15,14 @@ import logging
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterable
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+SDK_LOGGER = "Lark"
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -170,14 +173,12 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(numeric_level)
 
-    sdk_logger = logging.getLogger("Lark")
-    for old in list(sdk_logger.handlers):
-        sdk_logger.removeHandler(old)
+    sdk_logger = logging.getLogger(SDK_LOGGER)
     for old_filter in list(sdk_logger.filters):
         sdk_logger.removeFilter(old_filter)
-    sdk_logger.propagate = True
     sdk_logger.addFilter(_LevelFloor(max(_LEVELS[sdk_level], numeric_level)))
     sdk_logger.addFilter(_RedactRecord(redactor))
+    adopt_sdk_logger()
     for noisy in ("httpx", "httpcore", "httpx2", "openai", "websockets", "aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, numeric_level))
 
@@ -193,6 +194,32 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     return redactor
+
+
+def adopt_sdk_logger() -> None:
+    """Route the Feishu SDK's logger through our handler (and redaction).
+
+    Importing ``lark_oapi`` adds a stdout handler to the ``Lark`` logger and sets it to WARNING;
+    call this after the import (the SDK is imported lazily) so its lines are ours again. The
+    level floor and redaction filters set by :func:`configure_logging` stay in place.
+    """
+    sdk_logger = logging.getLogger(SDK_LOGGER)
+    for old in list(sdk_logger.handlers):
+        sdk_logger.removeHandler(old)
+    sdk_logger.propagate = True
+    sdk_logger.setLevel(logging.NOTSET)
+
+
+def quiet_sdk_shutdown() -> None:
+    """Silence what the Feishu SDK says while it is being stopped on purpose.
+
+    ``FeishuChannel.stop`` closes the socket under the SDK's receive loop (logged at ERROR) and
+    leaves tasks on its loops that asyncio reports when they are collected; none of it is a
+    problem at shutdown, all of it would alarm a user reading the logs.
+    """
+    logging.getLogger(SDK_LOGGER).setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", module="")
 
 
 def get_logger(name: str, **context: Any) -> structlog.stdlib.BoundLogger:

@@ -116,6 +116,22 @@ class StoreContract:
         await store.inbox_remove("om_unknown")
         assert [e.message_id for e in await store.inbox_list()] == ["om_2"]
 
+    async def test_a_message_is_accepted_once_into_the_inbox(self, store: Store) -> None:
+        entry = InboxEntry("om_9", "c1", "{}", received_at=1)
+        results = await asyncio.gather(*(store.accept_message(entry, 3600) for _ in range(10)))
+        assert results.count(True) == 1
+        assert [e.message_id for e in await store.inbox_list()] == ["om_9"]
+        await store.inbox_remove("om_9")
+        assert await store.accept_message(entry, 3600) is False  # answered: never again
+        assert await store.inbox_list() == []
+
+    async def test_acceptance_expires_with_its_ttl(self, store: Store, clock: FakeClock) -> None:
+        entry = InboxEntry("om_9", "c1", "{}", received_at=1)
+        assert await store.accept_message(entry, 60) is True
+        await store.inbox_remove("om_9")
+        clock.advance(61)
+        assert await store.accept_message(entry, 60) is True
+
     async def test_keys_round_trip_and_update_in_place(self, store: Store) -> None:
         await store.save_key(key("k1"))
         await store.save_key(key("k2", created_at=2.0, source="donated", owner="bob"))

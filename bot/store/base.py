@@ -106,6 +106,14 @@ class Store(Protocol):
         """Drop expired dedup records; return how many."""
 
     # Durable inbox
+    async def accept_message(self, entry: InboxEntry, ttl_s: float) -> bool:
+        """Atomically mark ``entry.message_id`` answered-once and put it in the inbox.
+
+        True the first time for a message id (within ``ttl_s``); False for a duplicate, which
+        must then be dropped. This is the gate that makes every message answered exactly once,
+        across restarts and instances.
+        """
+
     async def inbox_add(self, entry: InboxEntry) -> None:
         """Record a message awaiting its answer (idempotent per message id)."""
 

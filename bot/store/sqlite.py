@@ -229,6 +229,32 @@ class SQLiteStore:
 
     # ---- inbox -----------------------------------------------------------------------------
 
+    async def accept_message(self, entry: InboxEntry, ttl_s: float) -> bool:
+        """Atomically mark the message answered-once and record it in the inbox."""
+        return await self._run(self._accept_sync, entry, self._clock(), ttl_s)
+
+    def _accept_sync(self, entry: InboxEntry, now: float, ttl_s: float) -> bool:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            fresh = db.execute(
+                "INSERT INTO processed (key, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
+                " WHERE processed.expires_at <= ?",
+                (f"accepted:{entry.message_id}", now + ttl_s, now),
+            ).rowcount
+            if fresh:
+                db.execute(
+                    "INSERT OR IGNORE INTO inbox"
+                    " (message_id, conversation_id, payload, received_at) VALUES (?, ?, ?, ?)",
+                    (entry.message_id, entry.conversation_id, entry.payload, entry.received_at),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return fresh > 0
+
     async def inbox_add(self, entry: InboxEntry) -> None:
         """Record a message awaiting its answer (idempotent per message id)."""
         await self._run(

@@ -1,0 +1,671 @@
+"""The fake Feishu speaks the real protocol: the real lark-oapi SDK is driven against it.
+
+Long-connection clients run in subprocesses (``tests/fakes/ws_probe.py``) because
+``lark_oapi.ws.client`` binds a module-level event loop at import and caches tenant tokens
+process-wide; REST-only checks use the SDK's ``lark.Client`` in this process (off the fake's
+loop, since the SDK fetches tokens with blocking ``requests``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+import lark_oapi as lark
+import pytest
+from lark_oapi.api.cardkit.v1 import (
+    ContentCardElementRequest,
+    ContentCardElementRequestBody,
+    CreateCardRequest,
+    CreateCardRequestBody,
+)
+from lark_oapi.api.im.v1 import CreateMessageRequest, CreateMessageRequestBody
+
+from tests.fakes.feishu_server import (
+    BOT_NAME,
+    BOT_OPEN_ID,
+    FEISHU_ERRORS,
+    SAMPLE_SENDER_OPEN_ID,
+    FakeFeishu,
+    FakeFeishuThread,
+    build_message_event,
+)
+from tests.fakes.ws_probe import ProbeProcess
+
+INTERRUPTED_FOOTER = "\n\n— _(generation interrupted)_"
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_lark_logger() -> Iterator[None]:
+    """``lark.Client...build()`` sets the process-wide "Lark" logger level: undo it."""
+    sdk_logger = logging.getLogger("Lark")
+    level, handlers, propagate = sdk_logger.level, list(sdk_logger.handlers), sdk_logger.propagate
+    yield
+    sdk_logger.setLevel(level)
+    sdk_logger.handlers[:] = handlers
+    sdk_logger.propagate = propagate
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeFeishuThread]:
+    """One fake (in its own thread) shared by the channel tests of this module."""
+    with FakeFeishu(reconnect_interval=0.2, reconnect_nonce=0).run_in_thread() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(server: FakeFeishuThread) -> Iterator[ProbeProcess]:
+    """A real ``FeishuChannel`` (subprocess) connected to the shared fake."""
+    fs = server.fake
+    probe = ProbeProcess(
+        server.domain,
+        app_id=fs.app_id,
+        app_secret=fs.app_secret,
+        extra_args=("--retry-base-ms", "20"),  # RetryConfig(base_delay_ms=20): fast retries
+    )
+    try:
+        probe.expect("ready", timeout=20)
+        yield probe
+    finally:
+        probe.close()
+
+
+def _deliver_text(server: FakeFeishuThread, text: str, **kwargs: object) -> tuple[str, str]:
+    frame_id = server.deliver("p2p_text", text=text, **kwargs)
+    message_id = server.fake.delivery(frame_id).message_id
+    assert message_id is not None
+    return frame_id, message_id
+
+
+# --------------------------------------------------------------------------------------------
+# Long connection: discovery, delivery, ACK
+# --------------------------------------------------------------------------------------------
+
+
+def test_channel_discovers_the_endpoint_connects_and_pings(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    endpoints = [c.endpoint for c in fs.calls_to()][:4]
+    assert endpoints == ["tenant_token", "bot_info", "ws_endpoint", "ws_connect"]
+    discovery = fs.calls_to("ws_endpoint")[0]
+    assert discovery.json == {"AppID": fs.app_id, "AppSecret": fs.app_secret}
+    assert discovery.headers["User-Agent"].endswith(" channel")
+    assert discovery.response["data"]["ClientConfig"]["ReconnectInterval"] == 0.2
+
+    (conn,) = fs.wait_for_connections_blocking(1)
+    assert fs.calls_to("ws_connect")[0].query["device_id"] == conn.conn_id
+    # The SDK's ping loop pings right after connecting; the fake answers with a pong.
+    fs.wait_until_blocking(lambda: conn.pings >= 1, 5, "a ping")
+
+
+def test_delivered_event_reaches_the_handler_and_is_acked(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    frame_id, message_id = _deliver_text(server, "你好，帮我写一首诗")
+
+    ack = fs.wait_for_ack_blocking(frame_id)
+    assert ack.code == 200
+    assert ack.message_id == message_id
+    assert ack.latency is not None
+    assert ack.latency < 2
+    assert "biz_rt" in ack.headers
+
+    received = channel.expect("message", message_id=message_id)
+    event_message = fs.delivery(frame_id).event["event"]["message"]
+    assert received["content_text"] == "你好，帮我写一首诗"
+    assert received["chat_type"] == "p2p"
+    assert received["chat_id"] == event_message["chat_id"]
+    assert received["create_time"] == int(event_message["create_time"])
+    assert received["sender"] == {
+        "open_id": SAMPLE_SENDER_OPEN_ID,
+        "union_id": "on_8ed6aa67826108097d9ee143816345",
+        "user_id": "e33ggbyz",
+        "display_name": "Sample User",  # resolved through contact/v3/users/batch
+        "is_bot": False,
+    }
+    assert received["reply_to"] is None
+    assert received["thread"] == "lark-channel-bg"
+    lookup = fs.calls_to("contact_users_batch")[-1]
+    assert lookup.query_multi["user_ids"] == [SAMPLE_SENDER_OPEN_ID]
+
+
+def test_fragmented_event_is_reassembled_by_the_sdk(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    frame_id, message_id = _deliver_text(
+        server, "split into three frames", fragments=3, reverse_fragments=True
+    )
+    server.fake.wait_for_ack_blocking(frame_id)
+    received = channel.expect("message", message_id=message_id)
+    assert received["content_text"] == "split into three frames"
+    assert len(server.fake.delivery(frame_id).acks) == 1
+
+
+def test_event_without_a_processor_is_acked_with_code_500(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    event = {
+        "schema": "2.0",
+        "header": {
+            "event_id": uuid.uuid4().hex,
+            "event_type": "im.chat.updated_v1",
+            "create_time": "1732500000000",
+            "token": "",
+            "app_id": server.fake.app_id,
+            "tenant_key": "2ca1d211f64f6438",
+        },
+        "event": {"chat_id": "oc_x"},
+    }
+    frame_id = server.deliver(event)
+    assert server.fake.wait_for_ack_blocking(frame_id).code == 500
+
+
+def test_group_mentions_and_thread_replies_as_the_channel_reports_them(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    mention_frame = server.deliver("group_text_mention")
+    mention_id = fs.delivery(mention_frame).message_id
+    mention = channel.expect("message", message_id=mention_id)
+    assert mention["chat_type"] == "group"
+    assert mention["content_text"] == f"@{BOT_NAME} summarise the thread please"
+    assert mention["mentions"] == [
+        {"key": "@_user_1", "open_id": BOT_OPEN_ID, "name": BOT_NAME, "is_bot": False}
+    ]
+    assert mention["mentioned_bot"] is False  # never set by the 1.7.5 pipeline
+
+    # parent == root: the channel reports no reply ref, only the raw ids.
+    thread_frame = server.deliver("group_thread_reply", root_id=mention_id, parent_id=mention_id)
+    reply = channel.expect("message", message_id=fs.delivery(thread_frame).message_id)
+    assert reply["reply_to"] is None
+    assert (reply["raw_root_id"], reply["raw_parent_id"]) == (mention_id, mention_id)
+
+    nested_frame = server.deliver(
+        "group_thread_reply", root_id=mention_id, parent_id="om_parent", thread_id="omt_1"
+    )
+    nested = channel.expect("message", message_id=fs.delivery(nested_frame).message_id)
+    assert nested["reply_to"] == "om_parent"
+    assert nested["thread_id"] == "omt_1"
+
+    # Without a bot mention, the default policy (require_mention) drops group messages.
+    silent = server.deliver("group_text_mention", mention_bot=False, text="no mention")
+    channel.expect("reject", message_id=fs.delivery(silent).message_id, reason="policy_no_mention")
+
+
+def test_post_message_is_flattened_to_content_text(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    frame_id = server.deliver("p2p_post")
+    received = channel.expect("message", message_id=server.fake.delivery(frame_id).message_id)
+    assert received["content_kind"] == "post"
+    assert "Explain this code" in received["content_text"]
+    assert "print(1)" in received["content_text"]
+
+
+def test_ack_is_sent_before_the_channel_handler_finishes(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    frame_id, message_id = _deliver_text(server, "HOLD the handler")
+    channel.expect("handler_blocked", message_id=message_id)
+    ack = server.fake.wait_for_ack_blocking(frame_id)
+    assert ack.code == 200
+    assert not channel.events("handler_done")
+    channel.send({"cmd": "release"})
+    channel.expect("handler_done", message_id=message_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Outbound through the channel
+# --------------------------------------------------------------------------------------------
+
+
+def test_channel_text_reply_and_markdown_send_reach_the_fake(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    _, message_id = _deliver_text(server, "say hi")
+    chat_id = channel.expect("message", message_id=message_id)["chat_id"]
+
+    result = channel.request(
+        {
+            "cmd": "send",
+            "to": chat_id,
+            "message": {"text": "hi back"},
+            "opts": {"reply_to": message_id},
+        }
+    )
+    assert result["ok"] is True
+    (reply,) = fs.replies_to(message_id)
+    assert reply.message_id == result["message_id"]
+    assert (reply.msg_type, fs.message_text(reply.message_id)) == ("text", "hi back")
+    call = fs.calls_to("message_reply")[-1]
+    assert call.json["msg_type"] == "text"
+    assert json.loads(call.json["content"]) == {"text": "hi back"}
+    assert call.json["uuid"]
+
+    result = channel.request({"cmd": "send", "to": chat_id, "message": "**bold** move"})
+    assert result["ok"] is True
+    create = fs.calls_to("message_create")[-1]
+    assert create.query["receive_id_type"] == "chat_id"
+    assert create.json["msg_type"] == "post"
+    assert "bold" in fs.message_text(result["message_id"])
+
+
+def test_markdown_stream_builds_a_cardkit_card_and_closes_it(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    _, message_id = _deliver_text(server, "stream to me")
+    chat_id = channel.expect("message", message_id=message_id)["chat_id"]
+    since = fs.mark()
+
+    chunks = ["Hello", "Hello, wor", "Hello, world! ", "Hello, world! Bye."]
+    result = channel.request(
+        {
+            "cmd": "stream",
+            "to": chat_id,
+            "chunks": chunks,
+            "mode": "set",
+            "opts": {"reply_to": message_id},
+        }
+    )
+    assert result["ok"] is True
+    (reply,) = fs.replies_to(message_id)
+    assert reply.message_id == result["message_id"]
+    assert reply.msg_type == "interactive"
+    assert reply.card_id is not None
+
+    card = fs.card(reply.card_id)
+    assert card.initial_spec["config"]["streaming_mode"] is True
+    assert card.initial_spec["body"]["elements"][0]["content"] == "Thinking..."
+    assert card.element_order == ["stream_md"]
+    assert card.closed
+    assert card.text == chunks[-1] == fs.reply_texts(message_id)[0]
+    sequences = card.sequences
+    assert sequences == sorted(set(sequences))
+    assert sequences[0] >= 1
+    assert card.updates[-1].kind == "settings"
+    assert card.settings[-1] == {"config": {"streaming_mode": False}}
+    assert card.content_updates[-1].content == chunks[-1]
+
+    order = [
+        c.endpoint for c in fs.calls_to(since=since) if c.endpoint.startswith(("card", "mess"))
+    ]
+    assert order[:2] == ["card_create", "message_reply"]
+    assert order[-1] == "card_settings"
+    assert set(order[2:-1]) == {"card_element_content"}
+    assert json.loads(fs.calls_to("message_reply", since=since)[0].json["content"]) == {
+        "type": "card",
+        "data": {"card_id": reply.card_id},
+    }
+
+
+def test_markdown_stream_append_merges_overlapping_deltas(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    """Pins an SDK quirk: ``append`` de-duplicates a delta's overlap with the text so far."""
+    fs = server.fake
+    result = channel.request(
+        {"cmd": "stream", "to": "oc_quirk", "chunks": ["Hel", "lo"], "mode": "append"}
+    )
+    card_id = fs.message(result["message_id"]).card_id
+    assert card_id is not None
+    assert fs.card_text(card_id) == "Helo"
+
+
+def test_failing_stream_producer_leaves_an_interrupted_footer_and_a_closed_card(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    since = fs.mark()
+    result = channel.request(
+        {
+            "cmd": "stream",
+            "to": "oc_fail",
+            "chunks": ["partial answer"],
+            "mode": "set",
+            "fail": True,
+        }
+    )
+    assert result["ok"] is False
+    assert result["exception"]["type"] == "builtins.RuntimeError"
+    (create,) = fs.calls_to("card_create", since=since)
+    card = fs.card(create.response["data"]["card_id"])
+    assert card.text == "partial answer" + INTERRUPTED_FOOTER
+    assert card.closed
+
+
+def test_tenant_token_is_fetched_once_and_reused(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    assert channel.request({"cmd": "send", "to": "oc_token", "message": {"text": "t"}})["ok"]
+    (token_call,) = fs.calls_to("tenant_token")
+    token = token_call.response["tenant_access_token"]
+    authed = [c for c in fs.calls_to() if c.endpoint.startswith(("bot", "contact", "mess", "card"))]
+    assert len(authed) > 3
+    assert {c.token for c in authed} == {token}
+
+
+def test_rate_limited_reply_is_returned_not_retried_by_the_channel(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    since = fs.mark()
+    rule = fs.fail("message_reply", "rate_limited")
+    result = channel.request(
+        {"cmd": "send", "to": "oc_x", "message": {"text": "x"}, "opts": {"reply_to": "om_target"}}
+    )
+    assert rule.hits == 1
+    assert result["ok"] is False
+    # lark-oapi 1.7.5 files 99991400 under permission errors (errors.py:61): no retry.
+    assert result["error"]["code"] == "permission_denied"
+    assert result["error"]["raw_code"] == FEISHU_ERRORS["rate_limited"]["body"]["code"]
+    assert result["error"]["retryable"] is False
+    assert len(fs.calls_to("message_reply", since=since)) == 1
+
+
+def test_unclassified_error_codes_are_retried_by_the_channel_sender(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    since = fs.mark()
+    fs.fail("message_reply", "message_recalled", times=None)
+    try:
+        result = channel.request(
+            {"cmd": "send", "to": "oc_x", "message": {"text": "x"}, "opts": {"reply_to": "om_t"}}
+        )
+    finally:
+        fs.clear_faults()
+    # 230011 is not in any bucket of errors.py -> UNKNOWN, which retry.py retries.
+    assert result["error"]["code"] == "unknown"
+    assert result["error"]["raw_code"] == 230011
+    assert len(fs.calls_to("message_reply", since=since)) == 3  # RetryConfig.max_attempts
+
+
+def test_stream_reports_success_even_when_its_card_message_was_not_sent(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    since = fs.mark()
+    fs.fail("message_reply", "rate_limited")
+    result = channel.request(
+        {
+            "cmd": "stream",
+            "to": "oc_x",
+            "chunks": ["lost words"],
+            "mode": "set",
+            "opts": {"reply_to": "om_gone"},
+        }
+    )
+    assert result["ok"] is True
+    assert result["message_id"] == ""  # the only sign that nobody saw the card
+    (create,) = fs.calls_to("card_create", since=since)
+    card = fs.card(create.response["data"]["card_id"])
+    assert card.message_ids == []
+    assert card.text == "lost words"
+    assert card.closed
+
+
+def test_card_update_over_the_size_limit_is_rejected_and_swallowed(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    since = fs.mark()
+    too_big = "x" * (31 * 1024)
+    result = channel.request(
+        {"cmd": "stream", "to": "oc_big", "chunks": ["short start", too_big], "mode": "set"}
+    )
+    assert result["ok"] is True
+    card_id = fs.message(result["message_id"]).card_id
+    assert card_id is not None
+    rejected = [c for c in fs.calls_to("card_element_content", since=since) if c.status != 200]
+    assert [c.response["code"] for c in rejected] == [
+        FEISHU_ERRORS["card_too_large"]["body"]["code"]
+    ]
+    assert fs.card_text(card_id) == "short start"
+    assert fs.card(card_id).closed
+
+
+# --------------------------------------------------------------------------------------------
+# Connection loss
+# --------------------------------------------------------------------------------------------
+
+
+def test_dropped_connection_is_reestablished_and_missed_events_are_replayed(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    before = len(fs.connections)
+    endpoint_calls = len(fs.calls_to("ws_endpoint"))
+    # Hold the SDK's next endpoint discovery, then fail it with a retryable server error.
+    gate = fs.hold("ws_endpoint")
+    fs.fail("ws_endpoint", code=1000040343, msg="internal error", http_status=200)
+
+    assert server.drop_connections() == 1
+    channel.expect("reconnecting")
+    gate.wait_arrived_blocking()
+    assert not fs.open_connections()
+    missed_frame, missed_id = _deliver_text(server, "sent while disconnected")
+    gate.release()
+
+    (conn,) = fs.wait_for_connections_blocking(1, timeout=10, after=before)
+    channel.expect("reconnected")
+    assert len(fs.calls_to("ws_endpoint")) == endpoint_calls + 2
+    assert fs.wait_for_ack_blocking(missed_frame).conn_id == conn.conn_id
+    assert [a.reason for a in fs.delivery(missed_frame).attempts] == ["replay"]
+    channel.expect("message", message_id=missed_id)
+
+    frame_id, message_id = _deliver_text(server, "after the reconnect")
+    assert fs.wait_for_ack_blocking(frame_id).conn_id == conn.conn_id
+    channel.expect("message", message_id=message_id)
+
+
+def test_wrong_app_secret_fails_start_without_retrying(server: FakeFeishuThread) -> None:
+    fs = server.fake
+    since = fs.mark()
+    connections = len(fs.connections)
+    probe = ProbeProcess(server.domain, app_id=fs.app_id, app_secret="not-the-secret")
+    try:
+        failed = probe.expect("start_failed", timeout=20)
+        assert probe.wait_exit() == 3
+    finally:
+        probe.close()
+    assert failed["type"] == "lark_oapi.channel.errors.FeishuChannelError"
+    assert failed["code"] == "not_connected"
+    assert failed["message"].startswith("WebSocket connect failed: 514:")
+    assert (failed["cause_type"], failed["cause_code"]) == ("ClientException", 514)
+    token_calls = fs.calls_to("tenant_token", since=since)
+    assert token_calls
+    assert all(c.response["code"] == 10014 for c in token_calls)
+    assert len(fs.calls_to("ws_endpoint", since=since)) == 1
+    assert len(fs.connections) == connections
+
+
+# --------------------------------------------------------------------------------------------
+# Several raw clients: round robin and redelivery
+# --------------------------------------------------------------------------------------------
+
+
+def test_events_are_shared_round_robin_and_unacked_ones_are_redelivered() -> None:
+    with FakeFeishu(reconnect_interval=0.2).run_in_thread() as server:
+        fs = server.fake
+        slow, quick = (
+            ProbeProcess(
+                server.domain,
+                app_id=fs.app_id,
+                app_secret=fs.app_secret,
+                mode="raw",
+                extra_args=extra,
+            )
+            for extra in (("--block-on", "SLOW"), ())
+        )
+        try:
+            fs.wait_for_connections_blocking(2, timeout=20)
+            frames = [server.deliver("p2p_text", text=f"event {i}") for i in range(4)]
+            for frame_id in frames:
+                fs.wait_for_ack_blocking(frame_id)
+            assert all(len(fs.delivery(f).acks) == 1 for f in frames)
+            per_conn = [sum(a.conn_id == c.conn_id for a in fs.acks) for c in fs.connections]
+            assert per_conn == [2, 2]
+
+            # A handler that blocks the raw SDK's loop delays the ACK; the fake redelivers the
+            # event (to the other client) and both end up handling it.
+            slow_conn = slow.expect("message")["conn_id"]
+            frame_id = server.deliver(
+                "p2p_text", text="SLOW handler", redeliver_after=0.3, conn_id=slow_conn
+            )
+            delivery = fs.delivery(frame_id)
+            slow.expect("handler_blocked", message_id=delivery.message_id)
+            quick.expect("message", message_id=delivery.message_id)
+            first_ack = fs.wait_for_ack_blocking(frame_id)
+            assert [a.reason for a in delivery.attempts] == ["first", "redeliver"]
+            assert first_ack.conn_id != slow_conn
+            assert first_ack.latency is not None
+            assert first_ack.latency < 1
+            slow.send({"cmd": "release"})
+            fs.wait_until_blocking(lambda: len(delivery.acks) >= 2, 5, "the late ACK")
+            assert delivery.acks[1].conn_id == slow_conn
+
+            # A fatal handshake answer (403) while reconnecting ends the SDK's reconnect loop:
+            # the processes stay alive but never connect again.
+            fs.fail("ws_connect", code=403, msg="forbidden", http_status=403, times=None)
+            endpoint_calls = len(fs.calls_to("ws_endpoint"))
+            server.drop_connections()
+            refused = fs.wait_until_blocking(
+                lambda: [c for c in fs.calls_to("ws_connect") if c.status == 403][1:], 5, "2 x 403"
+            )
+            assert len(refused) == 1
+            assert len(fs.calls_to("ws_endpoint")) == endpoint_calls + 2
+            # Bounded negative check: no new discovery within 5 reconnect intervals.
+            with pytest.raises(TimeoutError):
+                fs.wait_until_blocking(
+                    lambda: len(fs.calls_to("ws_endpoint")) > endpoint_calls + 2, 1.0, "a retry"
+                )
+            assert slow.proc.poll() is None
+            assert quick.proc.poll() is None
+            assert not fs.open_connections()
+        finally:
+            slow.close()
+            quick.close()
+
+
+# --------------------------------------------------------------------------------------------
+# REST faults against the in-process SDK client (fake on this test's loop)
+# --------------------------------------------------------------------------------------------
+
+
+def _sdk_client(fs: FakeFeishu) -> lark.Client:
+    return (
+        lark.Client.builder().app_id(fs.app_id).app_secret(fs.app_secret).domain(fs.domain).build()
+    )
+
+
+def _text_message(chat_id: str, text: str) -> CreateMessageRequest:
+    body = (
+        CreateMessageRequestBody.builder()
+        .receive_id(chat_id)
+        .msg_type("text")
+        .content(json.dumps({"text": text}))
+        .build()
+    )
+    return CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build()
+
+
+async def test_injected_faults_reach_the_sdk_with_the_documented_bodies() -> None:
+    # A fresh app id: the SDK caches tenant tokens per app id for the whole process.
+    async with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}") as fs:
+        client = _sdk_client(fs)
+        rule = fs.fail("message_create", "rate_limited")
+        limited = await asyncio.to_thread(client.im.v1.message.create, _text_message("oc_a", "1"))
+        assert (limited.code, limited.msg) == (99991400, "request trigger frequency limit")
+        assert limited.raw.status_code == 429
+        assert rule.hits == 1
+        assert not rule.active
+
+        sent = await asyncio.to_thread(client.im.v1.message.create, _text_message("oc_a", "2"))
+        assert sent.code == 0
+        assert fs.message_text(sent.data.message_id) == "2"
+
+        gate = fs.hold("message_create")
+        pending = asyncio.ensure_future(
+            asyncio.to_thread(client.im.v1.message.create, _text_message("oc_a", "3"))
+        )
+        await gate.wait_arrived(5)
+        assert not pending.done()
+        assert [c.json["content"] for c in gate.calls] == [json.dumps({"text": "3"})]
+        gate.release()
+        assert (await asyncio.wait_for(pending, 5)).code == 0
+
+        fs.revoke_tokens()  # the SDK keeps using its cached token
+        rejected = await asyncio.to_thread(client.im.v1.message.create, _text_message("oc_a", "4"))
+        assert rejected.code == 99991663
+        assert len(fs.calls_to("tenant_token")) == 1
+
+
+async def test_cardkit_rejects_a_sequence_that_does_not_increase() -> None:
+    async with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}") as fs:
+        client = _sdk_client(fs)
+        spec = {
+            "schema": "2.0",
+            "config": {"streaming_mode": True},
+            "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "..."}]},
+        }
+        created = await asyncio.to_thread(
+            client.cardkit.v1.card.create,
+            CreateCardRequest.builder()
+            .request_body(
+                CreateCardRequestBody.builder().type("card_json").data(json.dumps(spec)).build()
+            )
+            .build(),
+        )
+        card_id = created.data.card_id
+
+        def update(content: str, sequence: int) -> lark.BaseResponse:
+            request = (
+                ContentCardElementRequest.builder()
+                .card_id(card_id)
+                .element_id("md")
+                .request_body(
+                    ContentCardElementRequestBody.builder()
+                    .content(content)
+                    .sequence(sequence)
+                    .build()
+                )
+                .build()
+            )
+            return client.cardkit.v1.card_element.content(request)
+
+        assert (await asyncio.to_thread(update, "a", 1)).code == 0
+        stale = await asyncio.to_thread(update, "b", 1)
+        assert (stale.code, stale.msg) == (300317, "sequence number compare failed")
+        assert (await asyncio.to_thread(update, "c", 2)).code == 0
+        assert fs.card(card_id).sequences == [1, 2]
+        assert fs.card_text(card_id) == "c"
+
+
+def test_event_builder_makes_fresh_current_events_from_the_samples() -> None:
+    first = build_message_event("group_text_mention", text="hello", mention_bot=True)
+    second = build_message_event("group_text_mention", text="hello", mention_bot=True)
+    message = first["event"]["message"]
+    assert first["header"]["event_id"] != second["header"]["event_id"]
+    assert message["message_id"] != second["event"]["message"]["message_id"]
+    assert message["message_id"].startswith("om_")
+    assert message["create_time"] == first["header"]["create_time"]
+    assert json.loads(message["content"]) == {"text": "@_user_1 hello"}
+    assert [m["id"]["open_id"] for m in message["mentions"]] == [BOT_OPEN_ID]
+
+    plain = build_message_event(
+        "p2p_text",
+        text="hi",
+        create_time_ms=1_700_000_000_000,
+        overrides={"event.sender.sender_type": "app"},
+    )
+    assert plain["event"]["message"]["create_time"] == "1700000000000"
+    assert plain["event"]["sender"]["sender_type"] == "app"
+    assert build_message_event("p2p_text", mention_bot=False)["event"]["message"]["mentions"] == []
