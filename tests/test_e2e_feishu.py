@@ -44,6 +44,24 @@ def test_p2p_text_gets_one_streamed_card_whose_final_text_is_the_llms(world: Wor
     assert len(world.llm.requests) == 1
 
 
+def test_an_answer_too_long_for_one_card_continues_in_a_follow_up_card(world: World) -> None:
+    answer = "".join(f"第{index}段：长长的答案。\n" for index in range(3000))  # ~60 KB
+    world.llm.default.reply = answer
+    world.llm.default.chunk_size = 2000
+    world.start_bot()
+    message = world.send("p2p_text", text="write a lot")
+    bot = world.bots[0]
+    bot.wait_for_event("reply_sent")
+    replies = world.replies(message)
+    assert len(replies) >= 3
+    cards = [world.fs.card(reply.card_id or "") for reply in replies]
+    assert all(card.closed for card in cards)
+    assert all(len(card.text.encode()) < 30 * 1024 for card in cards)
+    parts = [card.text.removesuffix("\n\n_(continued below)_") for card in cards]
+    assert all(card.text.endswith("_(continued below)_") for card in cards[:-1])
+    assert "".join(parts) == answer
+
+
 def test_multi_turn_context_is_kept_across_messages(world: World) -> None:
     world.start_bot()
     first = world.send("p2p_text", text="my name is Ada", sender_open_id=USER_A)

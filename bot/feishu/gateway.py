@@ -290,9 +290,10 @@ class FeishuGateway:
                     stop=self._cut_short,
                 )
                 outcome = result.outcome
-                if not result.message_id:
-                    log.warning("reply_card_not_sent", fallback="text")
-                    await self._send_text(message, result.text)
+                if not all(result.message_ids):
+                    # The SDK reports a card it could not send only by an empty message id.
+                    log.warning("reply_card_not_sent", fallback="markdown")
+                    await self._send(message, {"markdown": result.text})
         except Exception as exc:
             log.error("reply_not_delivered", error=f"{type(exc).__name__}: {exc}")
             return  # stays in the inbox: answered at the next start
@@ -311,9 +312,12 @@ class FeishuGateway:
         await self._core.store.inbox_remove(message.message_id)
 
     async def _send_text(self, message: FeishuMessage, text: str) -> None:
+        await self._send(message, {"text": text})
+
+    async def _send(self, message: FeishuMessage, content: dict[str, str]) -> None:
         result = await self._channel.send(
             message.chat_id,
-            {"text": text},
+            content,
             {"reply_to": message.message_id, "reply_in_thread": message.in_group or None},
         )
         if not getattr(result, "success", True):
