@@ -55,7 +55,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff format $(SOURCES)
 
 bench: $(STAMP) ## run the benchmarks in bench/ and print their numbers
-	@set -e; for script in $(wildcard bench/*.py); do echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in $(filter-out bench/_%,$(wildcard bench/*.py)); do echo "== $$script"; $(BIN)/python $$script; done
 
 clean: ## remove the virtualenv and caches (keeps data/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

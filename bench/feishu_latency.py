@@ -14,13 +14,17 @@ system-wide on Linux, so the bot's ``accepted_at`` compares with the fakes' reco
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,15 +48,6 @@ CONFIGS: list[tuple[str, dict[str, int]]] = [
     ("b merge_burst_ms=600", {"merge_burst_ms": 600, "stream_update_ms": DEFAULT_UPDATE_MS}),
 ]
 
-STAGES: list[tuple[str, str, str]] = [
-    ("fake delivers event -> ACK frame recorded", "delivered", "ack"),
-    ("ACK -> inbox write done (accepted_at)", "ack", "accepted"),
-    ("inbox write -> card create arrives", "accepted", "card_create"),
-    ("card create arrives -> reply w/ card answered", "card_create", "card_sent"),
-    ("reply w/ card answered -> LLM request arrives", "card_sent", "llm_request"),
-    ("LLM request arrives -> first text update recorded", "llm_request", "first_text"),
-]
-
 
 @dataclass
 class Sample:
@@ -62,9 +57,13 @@ class Sample:
     ack: float
     accepted: float
     card_create: float
+    card_created: float
+    card_reply: float
     card_sent: float
     llm_request: float
     first_text: float
+    updates: int  # content updates of the reply card
+    complete_updates: int  # of them, the ones carrying the complete answer
 
     @property
     def first_text_latency(self) -> float:
@@ -150,15 +149,20 @@ def measure(world: World, bot: BotProcess, index: int) -> Sample:
     request = next(r for r in world.llm.requests if r.last_user_text == text)
     card = reply_card(world, message_id)
     first = next(u for u in card.content_updates if FIRST_CHUNK in str(u.content))
+    assert card_create.finished_at is not None
     assert card_sent.finished_at is not None
     return Sample(
         delivered=delivery.created,
         ack=delivery.acks[0].time,
         accepted=float(accepted["accepted_at"]),
         card_create=card_create.time,
+        card_created=card_create.finished_at,
+        card_reply=card_sent.time,
         card_sent=card_sent.finished_at,
         llm_request=request.time,
         first_text=first.time,
+        updates=len(card.content_updates),
+        complete_updates=sum(u.content == ANSWER for u in card.content_updates),
     )
 
 
@@ -173,9 +177,11 @@ def run_first_text(world: World, bot: BotProcess) -> list[Sample]:
 
 @dataclass
 class RateResult:
-    updates: int
-    streamed_s: float
-    gaps: list[float]
+    """Content updates of one long answer, split into throttled ones and the final text."""
+
+    llm_request: float
+    streaming: list[float]  # times of updates sent while the answer was still coming
+    final: list[float]  # times of updates that carry the complete answer
     chars: int
 
 
@@ -186,18 +192,31 @@ def run_update_rate(world: World) -> RateResult:
     world.llm.default.chunk_size = CHUNK
     world.llm.default.first_token_delay = 0.0
     world.llm.default.chunk_delay = LONG_CHUNK_DELAY_S
-    _, message_id, _ = ask(world, 9000, "tell me a long story")
-    request = next(r for r in world.llm.requests if r.last_user_text == "tell me a long story")
-    card = reply_card(world, message_id)
-    updates = card.content_updates
-    times = [u.time for u in updates]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    question = "tell me a long story"
+    _, message_id, _ = ask(world, 9000, question)
+    request = next(r for r in world.llm.requests if r.last_user_text == question)
+    updates = reply_card(world, message_id).content_updates
     return RateResult(
-        updates=len(updates),
-        streamed_s=times[-1] - request.time,
-        gaps=gaps,
+        llm_request=request.time,
+        streaming=[u.time for u in updates if u.content != answer],
+        final=[u.time for u in updates if u.content == answer],
         chars=len(str(updates[-1].content)),
     )
+
+
+def client_build_ms() -> list[float]:
+    """Seconds to build and close a default httpx.AsyncClient (lark-oapi builds one per call)."""
+
+    async def build() -> list[float]:
+        times = []
+        for _ in range(6):
+            started = time.perf_counter()
+            async with httpx.AsyncClient():
+                pass
+            times.append(time.perf_counter() - started)
+        return times[1:]  # the first one also pays imports and the CA bundle's first read
+
+    return asyncio.run(build())
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -205,22 +224,26 @@ def run_update_rate(world: World) -> RateResult:
 
 def print_header() -> None:
     print(
-        "Feishu reply latency of `python -m bot run` between in-process fakes (loopback HTTP and"
-        " WebSocket,\nfakes in threads of this process, bot in a subprocess; a 2-core machine:"
-        " read the numbers as\nrelative, not as production figures)."
-        f" TTFT = fake OpenAI first_token_delay {TTFT_S * 1000:.0f} ms;"
-        f"\nRTT = fake Feishu delay {RTT_S * 1000:.0f} ms on every /open-apis/* call."
-        f" {N_MESSAGES} sequential p2p messages per configuration"
-        " (one sender each, 1 warm-up\nexcluded), each configuration in its own bot process."
+        "Feishu reply latency of `python -m bot run` between the test fakes: loopback plain\n"
+        "HTTP and WebSocket, the fakes in threads of this process, the bot in a subprocess, on a\n"
+        "2-core machine. Compare the numbers; they are no production figures (no TLS, no real\n"
+        f"network). TTFT = fake OpenAI first_token_delay {TTFT_S * 1000:.0f} ms; RTT = fake Feishu"
+        f" delay of {RTT_S * 1000:.0f} ms\non every /open-apis/* call. {N_MESSAGES} sequential p2p"
+        " messages per configuration (one sender\neach, after 1 warm-up), each configuration in a"
+        " bot process of its own."
     )
+
+
+def med(values: Sequence[float]) -> float:
+    return percentile(values, 50) * 1000
 
 
 def print_first_text(results: dict[str, list[Sample]]) -> None:
     print()
     print(
-        "1. First visible text: fake delivers the event -> first card content update containing"
-        f" the\n   LLM's first chunk {FIRST_CHUNK!r}. Budget = TTFT + RTT + 50 ms ="
-        f" {BUDGET_S * 1000:.0f} ms; overhead = latency - TTFT - RTT. All ms."
+        "1. First visible text: fake delivers the event -> first card content update that"
+        f" contains\n   the LLM's first chunk {FIRST_CHUNK!r}. Budget = TTFT + RTT + 50 ms ="
+        f" {BUDGET_S * 1000:.0f} ms; overhead =\n   latency - TTFT - RTT. All ms."
     )
     print(
         f"   {'configuration':22} {'median':>7} {'p90':>7} {'max':>7} {'budget':>7}"
@@ -232,31 +255,65 @@ def print_first_text(results: dict[str, list[Sample]]) -> None:
         within = sum(value <= BUDGET_S for value in latencies)
         print(
             f"   {name:22} {ms3(latencies)} {BUDGET_S * 1000:7.0f}"
-            f"   {ms3(overheads).lstrip():>28}  {within:>4}/{len(latencies):<4}"
+            f"   {ms3(overheads).lstrip():>28}  {within:>5}/{len(latencies)}"
         )
-    print()
-    print("   Where the time goes (median ms per stage, from the fakes' records and the bot log):")
+    for name, samples in results.items():
+        repeated = sum(s.complete_updates > 1 for s in samples)
+        print(
+            f"   {name:22} content updates per reply: median"
+            f" {percentile([s.updates for s in samples], 50):.0f}; the complete text sent"
+            f" twice: {repeated}/{len(samples)}"
+        )
     names = list(results)
-    print(f"   {'stage':50}" + "".join(f" {name.split()[0]:>7}" for name in names))
-    for label, start, end in STAGES:
-        row = "".join(
-            f" {percentile([getattr(s, end) - getattr(s, start) for s in results[n]], 50) * 1000:7.1f}"
-            for n in names
-        )
-        print(f"   {label:50}{row}")
-    total = "".join(
-        f" {percentile([s.first_text_latency for s in results[n]], 50) * 1000:7.1f}"
-        for n in names
+    rows: list[tuple[str, Callable[[Sample], float] | None]] = [
+        ("critical path:", None),
+        ("  fake delivers event -> ACK frame recorded", lambda s: s.ack - s.delivered),
+        ("  ACK -> inbox write done (bot's accepted_at)", lambda s: s.accepted - s.ack),
+        (
+            "  inbox write -> LLM request arrives at fake OpenAI",
+            lambda s: s.llm_request - s.accepted,
+        ),
+        (
+            "  LLM request -> first text applied at fake Feishu",
+            lambda s: s.first_text - s.llm_request,
+        ),
+        (
+            "    of which beyond TTFT + RTT (bot side)",
+            lambda s: s.first_text - s.llm_request - TTFT_S - RTT_S,
+        ),
+        ('card opening (the "Thinking…" card):', None),
+        ("  inbox write -> card create arrives", lambda s: s.card_create - s.accepted),
+        ("  card create arrives -> answered (RTT)", lambda s: s.card_created - s.card_create),
+        ("  card create answered -> card reply arrives", lambda s: s.card_reply - s.card_created),
+        ("  card reply arrives -> answered (RTT)", lambda s: s.card_sent - s.card_reply),
+        (
+            "  card on screen -> first token due (slack)",
+            lambda s: s.llm_request + TTFT_S - s.card_sent,
+        ),
+    ]
+    print()
+    print("   Where the time goes (median ms; fakes' records and the bot's log):")
+    print(f"   {'stage':52}" + "".join(f" {name.split()[0]:>7}" for name in names))
+    for label, stage in rows:
+        if stage is None:
+            print(f"   {label}")
+            continue
+        cells = "".join(f" {med([stage(s) for s in results[n]]):7.1f}" for n in names)
+        print(f"   {label:52}{cells}")
+    builds = client_build_ms()
+    print(
+        f"   (context: building + closing one httpx.AsyncClient() here takes {med(builds):.1f} ms"
+        " median;\n   lark-oapi 1.7.5's Transport.aexecute builds one per REST call; the bot lends"
+        " it one\n   kept-alive client per event loop instead: bot/feishu/http_pool.py.)"
     )
-    print(f"   {'total (median of the sums)':50}{total}")
 
 
 def print_ack_window(results: dict[str, list[Sample]]) -> None:
     print()
     print(
         "2. ACK -> inbox write: fake records the ACK frame -> bot's `message_accepted`"
-        " accepted_at\n   (atomic dedup + inbox write done). A crash inside this window loses"
-        " an ACKed message.\n   ACK latency: fake delivers the event -> ACK frame recorded. All ms."
+        " accepted_at\n   (atomic dedup + inbox write done); a crash inside this window loses an"
+        " ACKed message.\n   ACK latency: fake delivers the event -> ACK frame recorded. All ms."
     )
     print(
         f"   {'configuration':22} {'ACK->inbox med':>14} {'p90':>7} {'max':>7}"
@@ -272,24 +329,31 @@ def print_update_rate(rate: RateResult) -> None:
     print()
     limit = 1000 / DEFAULT_UPDATE_MS
     print(
-        f"3. Update rate: one {LONG_ANSWER_CHARS}-character answer (chunks of {CHUNK} chars every"
-        f" {LONG_CHUNK_DELAY_S * 1000:g} ms), configuration a\n   (chat.stream_update_ms ="
-        f" {DEFAULT_UPDATE_MS} -> at most ~{limit:.1f} updates/s). Streamed = LLM request"
-        " arrives -> last content update."
+        f"3. Update rate: one {LONG_ANSWER_CHARS}-character answer in chunks of {CHUNK} chars"
+        f" every {LONG_CHUNK_DELAY_S * 1000:g} ms,\n   configuration a (chat.stream_update_ms ="
+        f" {DEFAULT_UPDATE_MS}: at most ~{limit:.2f} updates/s while streaming).\n"
+        "   Times are when the fake applied the updates."
+    )
+    times = sorted(rate.streaming + rate.final)
+    span = times[-1] - rate.llm_request
+    streaming = rate.streaming
+    gaps = [b - a for a, b in itertools.pairwise(streaming)]
+    steady = (len(streaming) - 1) / (streaming[-1] - streaming[0]) if len(streaming) > 1 else 0.0
+    print(
+        f"   {'updates':>7} {'streaming':>9} {'final':>5} {'answer s':>8} {'all/s':>6}"
+        f" {'streaming/s':>11} {'limit/s':>7}   {'gap min ms':>10} {'median':>7} {'max':>7}"
     )
     print(
-        f"   {'content updates':>15} {'streamed s':>10} {'updates/s':>9} {'limit/s':>7}"
-        f"   {'gap min ms':>10} {'median':>7} {'max':>7} {'final chars':>11}"
+        f"   {len(times):7d} {len(streaming):9d} {len(rate.final):5d} {span:8.2f}"
+        f" {len(times) / span:6.2f} {steady:11.2f} {limit:7.2f}"
+        f"   {min(gaps) * 1000:10.1f} {med(gaps):7.1f} {max(gaps) * 1000:7.1f}"
     )
-    steady = rate.gaps[:-1] or rate.gaps  # the last gap ends in the forced final update
+    final_gaps = ", ".join(f"{(b - a) * 1000:.0f}" for a, b in itertools.pairwise(times[-3:]))
     print(
-        f"   {rate.updates:15d} {rate.streamed_s:10.2f} {rate.updates / rate.streamed_s:9.2f}"
-        f" {limit:7.2f}   {min(steady) * 1000:10.1f} {percentile(steady, 50) * 1000:7.1f}"
-        f" {max(steady) * 1000:7.1f} {rate.chars:11d}"
-    )
-    print(
-        f"   (gaps exclude the last one, {rate.gaps[-1] * 1000:.1f} ms: the final text is pushed"
-        " as soon as the answer ends.)"
+        "   answer s = LLM request arrives -> last content update; streaming/s and gaps ="
+        " updates sent\n   while the answer was coming; final = updates carrying the complete"
+        f" {rate.chars}-character text\n   (gaps between the last three updates: {final_gaps}"
+        " ms)."
     )
 
 
@@ -312,4 +376,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

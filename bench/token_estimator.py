@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.token_samples import SAMPLES
+from bench._token_samples import SAMPLES
 from bot.chat.tokens import estimate_tokens
 
 REFERENCE: dict[str, tuple[int, int]] = {

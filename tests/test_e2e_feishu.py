@@ -42,6 +42,9 @@ def test_p2p_text_gets_one_streamed_card_whose_final_text_is_the_llms(world: Wor
     assert len(card.content_updates) >= 1
     assert card.sequences == sorted(set(card.sequences))
     assert len(world.llm.requests) == 1
+    # the SDK's REST calls of one answer travel over one kept-alive connection
+    card_calls = world.fs.calls_to("card_element_content") + world.fs.calls_to("message_reply")
+    assert len({call.peer for call in card_calls}) == 1
 
 
 def test_an_answer_too_long_for_one_card_continues_in_a_follow_up_card(world: World) -> None:

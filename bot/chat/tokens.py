@@ -13,7 +13,7 @@ counts those classes separately:
 Measured against real tokenizers (js-tiktoken 1.0.21, text only, no message overhead):
 
 ======================================  ========  ========  ========
-sample (``bench/token_samples.py``)     estimate  cl100k    o200k
+sample (``bench/_token_samples.py``)   estimate  cl100k    o200k
 ======================================  ========  ========  ========
 English prose, 62 words                 70        67        66
 Chinese prose, 95 characters            98        98        72

@@ -20,6 +20,7 @@ from bot.app import Core
 from bot.chat.service import IncomingMessage, Reply
 from bot.config import Settings
 from bot.errors import FeishuConnectError
+from bot.feishu import http_pool
 from bot.feishu.dedup import StoreDedup
 from bot.feishu.messages import FeishuMessage, from_inbound, mentions_bot
 from bot.feishu.replier import CardReplier
@@ -54,6 +55,7 @@ class FeishuGateway:
         self._loop = asyncio.get_running_loop()
         self._channel: Any = None
         self._ws_loop: asyncio.AbstractEventLoop | None = None
+        self._http: http_pool.HttpxShim | None = None
         self._replier: CardReplier | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -125,6 +127,8 @@ class FeishuGateway:
         with contextlib.suppress(Exception):
             await self._channel.stop_background()
         await asyncio.to_thread(_drain_loop, self._ws_loop)
+        if self._http is not None:
+            await self._http.aclose()
 
     # ---- building the channel ----------------------------------------------------------------
 
@@ -142,6 +146,7 @@ class FeishuGateway:
         # fresh one so it can never be the bot's running loop.
         ws_client_module.loop = self._ws_loop = asyncio.new_event_loop()
         adopt_sdk_logger()
+        self._http = http_pool.install()
         feishu = self._settings.feishu
         channel = FeishuChannel(
             app_id=feishu.app_id,

@@ -43,6 +43,11 @@ class _ReplyCard(MarkdownStreamController):  # type: ignore[misc]
         """Create the card and send it as the reply (idempotent)."""
         await self._ensure_started()
 
+    def stage_final(self, text: str) -> None:
+        """Set the closing text without sending it: the controller's closing flush sends it,
+        so the last text costs one update instead of two."""
+        self._content = text
+
 
 @dataclass
 class StreamedReply:
@@ -127,10 +132,10 @@ class CardReplier:
             state.changed.clear()
             text, full = state.card_text()
             if full:
-                await card.set_content(text + "\n\n" + CONTINUED)
+                card.stage_final(text + "\n\n" + CONTINUED)
                 return
             if state.finished.is_set():
-                await card.set_content(text)
+                card.stage_final(text)
                 return
             if text != pushed:
                 await card.set_content(text)

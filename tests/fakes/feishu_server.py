@@ -208,6 +208,11 @@ def _route(method: str, path: str) -> tuple[str, dict[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
+def _peer_of(request: web.Request) -> str:
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peername[0]}:{peername[1]}" if peername else ""
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -467,6 +472,8 @@ class RestCall:
     injected: str | None = None
     """Description of the fault rule that answered (``None`` for a normal answer)."""
     finished_at: float | None = None
+    peer: str = ""
+    """The client's ``host:port``: calls over one kept-alive connection share it."""
 
 
 @dataclass
@@ -1672,6 +1679,7 @@ class FakeFeishu:
                 headers={k: v for k, v in request.headers.items() if k.lower() != "authorization"},
                 token=token,
                 time=time.monotonic(),
+                peer=_peer_of(request),
             )
             self.calls.append(call)
         self._notifier.notify()
