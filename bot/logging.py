@@ -45,6 +45,11 @@ _BEARER = re.compile(r"(?P<name>Bearer\s+)(?P<value>[A-Za-z0-9._\-]{8,})", re.IG
 _FEISHU_TOKEN = re.compile(r"\b[tau]-[A-Za-z0-9_\-]{24,}")
 
 
+def contains_api_key(text: str) -> bool:
+    """Whether ``text`` holds something shaped like an API key (``sk-…`` and kin)."""
+    return _API_KEY.search(text) is not None
+
+
 def mask_key(key: str) -> str:
     """Show an API key the only way it is ever shown: ``sk-…abcd`` (prefix and last four)."""
     key = key.strip()

@@ -128,6 +128,15 @@ async def test_help_and_unknown_commands_answer_without_the_llm(
     assert fake.requests == []
 
 
+async def test_a_message_with_an_api_key_is_neither_sent_to_the_llm_nor_kept(
+    bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    answer = await bot.ask("here is my key sk-proj-abcdefghijklmnopqrstuvwx0123 thanks")
+    assert "looks like an API key" in answer.text
+    assert fake.requests == []
+    assert await bot.store.load_turns("c1") == []
+
+
 async def test_a_path_is_an_ordinary_message_not_a_command(
     bot: ChatHarness, fake: FakeOpenAI
 ) -> None:
@@ -296,7 +305,7 @@ async def test_no_key_at_all_says_how_to_add_one(
     await bot.close()
     assert answer.failed is not None
     assert "no API key yet" in answer.failed.message
-    assert "donate" in answer.failed.message
+    assert "OPENAI_API_KEYS" in answer.failed.message
 
 
 async def test_server_errors_back_off_and_retry(
@@ -441,6 +450,8 @@ async def test_no_key_appears_in_captured_logs(bot: ChatHarness, fake: FakeOpenA
     configure_logging(level="warning", stream=io.StringIO())
     assert "key_cooled" in output
     assert "key_disabled" in output
+    assert '"event": "llm_retry"' in output
+    assert '"key": "sk-…' in output
     for secret in (KEY_A, KEY_B):
         assert secret not in output
         assert secret[-12:] not in output

@@ -290,6 +290,32 @@ def test_wrong_app_secret_is_one_clear_error_and_exit_1(world: World, tmp_path: 
     assert "wrong-secret-0123456789abcdef" not in result.stdout + result.stderr
 
 
+def test_an_unreachable_feishu_is_one_clear_error_and_exit_1(tmp_path: Path) -> None:
+    write_settings(
+        tmp_path / "settings.yaml",
+        {
+            "feishu": {"app_id": "cli_x", "app_secret": "s" * 32, "domain": "http://127.0.0.1:9"},
+            "llm": {"keys": [{"key": LLM_KEY}]},
+        },
+    )
+    result = run_bot("run", cwd=tmp_path, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]]
+    assert errors[0].startswith("error: cannot reach Feishu at http://127.0.0.1:9")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_refused_long_connection_is_one_clear_error_and_exit_1(world: World) -> None:
+    world.fs.fail("ws_endpoint", 1000040351, "the app does not use the long connection", 200)
+    result = run_bot("run", "--config", str(world.settings_path), cwd=world.workdir, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: Feishu refused the long connection")
+    assert "Traceback" not in result.stderr
+
+
 def test_no_secret_appears_in_the_bots_output(world: World) -> None:
     bot = world.start_bot()
     message = world.send("p2p_text", text="hello")

@@ -23,12 +23,18 @@ from bot.chat.tokens import estimate_message_tokens, estimate_tokens
 from bot.config import ChatSettings
 from bot.errors import AllKeysUnavailable, LLMError, ReplyInterrupted, RequestRejected
 from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
-from bot.logging import get_logger
+from bot.logging import contains_api_key, get_logger
 from bot.store import Store, Turn
 
 log = get_logger(__name__)
 
 Clock = Callable[[], float]
+
+KEY_IN_MESSAGE_TEXT = (
+    "That message contains something that looks like an API key, so I did not send it to the "
+    "model and did not keep it. Donating keys by chat is not available yet: please give keys "
+    "to the bot's owner, and consider the key exposed if others can read this chat."
+)
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,11 @@ class ConversationService:
         if not text:
             yield ReplyFinished(HELP_TEXT)
             return
+        if contains_api_key(text):
+            # Never send a key to the model or keep it in history.
+            bound.warning("api_key_in_message_refused")
+            yield ReplyFinished(KEY_IN_MESSAGE_TEXT)
+            return
         command = parse_command(text)
         if command is not None:
             if command.name is CommandName.RESET:
@@ -308,9 +319,8 @@ def _estimate_usage(prompt: Sequence[ChatMessage], answer: str) -> TokenUsage:
 def _no_key_text(reason: str) -> str:
     if "no API key" in reason:
         return (
-            "I have no API key yet, so I cannot answer. The bot's owner can add one in "
-            "settings.yaml, or anyone can donate an OpenAI-compatible key by sending it to me "
-            "in a private chat."
+            "I have no API key yet, so I cannot answer. The bot's owner can add one under "
+            "llm.keys in settings.yaml or in the OPENAI_API_KEYS environment variable."
         )
     if "rate limited" in reason:
         return "All API keys are rate limited right now. Please try again in a minute."

@@ -60,7 +60,8 @@ class FeishuGateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._cut_short = asyncio.Event()
-        self._dispatched: set[str] = set()
+        # ids dispatched while the left-over inbox is not resumed yet (then no longer needed)
+        self._dispatched: set[str] | None = set()
         self._left_over: list[InboxEntry] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -94,8 +95,9 @@ class FeishuGateway:
         now = self._clock()
         window = self._settings.chat.resume_within_minutes * 60
         left_over, self._left_over = self._left_over, []
+        dispatched, self._dispatched = self._dispatched or set(), None
         for entry in left_over:
-            if entry.message_id in self._dispatched:
+            if entry.message_id in dispatched:
                 continue
             message = FeishuMessage.from_json(entry.payload)
             if now - entry.received_at <= window:
@@ -220,6 +222,16 @@ class FeishuGateway:
     # ---- inbound (on the channel's loop) -----------------------------------------------------
 
     async def _on_message(self, inbound: Any) -> None:
+        try:
+            await self._accept(inbound)
+        except Exception as exc:  # the event is ACKed already: say loudly what was not kept
+            log.error(
+                "message_not_accepted",
+                message_id=getattr(inbound, "id", None),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def _accept(self, inbound: Any) -> None:
         identity = self._channel.bot_identity
         bot_open_id = getattr(identity, "open_id", None)
         message = from_inbound(inbound, bot_open_id)
@@ -256,7 +268,8 @@ class FeishuGateway:
     # ---- answering (on the bot's loop) -------------------------------------------------------
 
     def _dispatch(self, message: FeishuMessage, delayed: bool) -> None:
-        self._dispatched.add(message.message_id)
+        if self._dispatched is not None:
+            self._dispatched.add(message.message_id)
         reply: Reply | None = None
         if message.kind == "text":
             # Taking the place in the conversation now keeps arrival order.

@@ -51,10 +51,11 @@ Sleep = Callable[[float], Awaitable[None]]
 class _Retryable(Exception):
     """An attempt failed in a way another attempt may fix; ``switch`` means wait 0 (new key)."""
 
-    def __init__(self, classified: Classified, *, switch: bool) -> None:
+    def __init__(self, classified: Classified, *, switch: bool, key: str) -> None:
         super().__init__(classified.reason)
         self.classified = classified
         self.switch = switch
+        self.key = key  # masked
 
 
 @dataclass
@@ -188,17 +189,17 @@ class LLMClient:
         classified = classify(exc)
         if classified.outcome is Outcome.RATE_LIMIT:
             await self._pool.cool(lease.key_id, classified.retry_after_s, classified.reason)
-            return _Retryable(classified, switch=True)
+            return _Retryable(classified, switch=True, key=lease.masked)
         if classified.outcome is Outcome.KEY_DEAD:
             await self._pool.disable(lease.key_id, classified.reason)
-            return _Retryable(classified, switch=True)
+            return _Retryable(classified, switch=True, key=lease.masked)
         if classified.outcome is Outcome.TRANSIENT:
             await self._pool.report_transient_failure(lease.key_id, classified.reason)
-            return _Retryable(classified, switch=False)
+            return _Retryable(classified, switch=False, key=lease.masked)
         if self.include_usage and _mentions_stream_options(exc):
             log.info("stream_options_unsupported", base_url=self._settings.base_url)
             self.include_usage = False
-            return _Retryable(classified, switch=True)
+            return _Retryable(classified, switch=True, key=lease.masked)
         return RequestRejected(classified.reason, code=classified.code)
 
     def _wait(self, state: RetryCallState) -> float:
@@ -239,14 +240,6 @@ class LLMClient:
             lease.release()
         await self._pool.report_success(lease.key_id)
         emit(Completed(usage=usage, key_id=lease.key_id, finish_reason=finish_reason))
-
-    async def validate_key(self, secret: str) -> Classified | None:
-        """Check a key with a cheap ``GET /models``; None when it works, else why not."""
-        try:
-            await self._client.with_options(api_key=secret).models.list()
-        except openai.APIError as exc:
-            return classify(exc)
-        return None
 
 
 def _parse_chunk(chunk: Any) -> tuple[str, TokenUsage | None, str | None]:
