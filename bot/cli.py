@@ -70,47 +70,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = commands.add_parser(
-        "run",
-        parents=[common],
-        help="connect to Feishu and answer messages (needs feishu.app_id/app_secret)",
-        description="Connect to Feishu over the long connection and answer messages until "
-        "stopped with Ctrl-C or SIGTERM.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run.set_defaults(handler=_run)
-
-    chat = commands.add_parser(
-        "chat",
-        parents=[common],
-        help="chat with the LLM in this terminal (no Feishu needed)",
-        description="An interactive chat in the terminal over the same conversation service "
-        "the Feishu bot uses.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    chat.set_defaults(handler=_chat)
-
-    doctor = commands.add_parser(
-        "doctor",
-        parents=[common],
-        help="check configuration, store, LLM endpoint and Feishu credentials",
-        description="Check the setup step by step and say what to fix.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    doctor.set_defaults(handler=_not_available("doctor", "the streaming-robustness release"))
-
-    keys = commands.add_parser(
-        "keys",
-        parents=[common],
-        help="list and manage the API keys of the pool",
-        description="List, add, enable and disable the API keys of the pool.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    keys.set_defaults(handler=_not_available("keys", "the key-pool release"))
+    subcommands: list[tuple[str, str, str, Command]] = [
+        (
+            "run",
+            "connect to Feishu and answer messages (needs feishu.app_id/app_secret)",
+            "Connect to Feishu over the long connection and answer messages until stopped "
+            "with Ctrl-C or SIGTERM.",
+            _run,
+        ),
+        (
+            "chat",
+            "chat with the LLM in this terminal (no Feishu needed)",
+            "An interactive chat in the terminal over the same conversation service the "
+            "Feishu bot uses.",
+            _chat,
+        ),
+        (
+            "doctor",
+            "check configuration, store, LLM endpoint and Feishu credentials (not yet)",
+            "Check the setup step by step and say what to fix. Not available in this version.",
+            _not_available("doctor", "the streaming-robustness release"),
+        ),
+        (
+            "keys",
+            "list and manage the API keys of the pool (not yet)",
+            "List, add, enable and disable the API keys of the pool. Not available in this "
+            "version.",
+            _not_available("keys", "the key-pool release"),
+        ),
+    ]
+    for name, summary, description, handler in subcommands:
+        command = commands.add_parser(
+            name,
+            parents=[common],
+            help=summary,
+            description=description,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.set_defaults(handler=handler)
     return parser
 
 

@@ -60,14 +60,18 @@ class FeishuGateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._cut_short = asyncio.Event()
-        # ids dispatched while the left-over inbox is not resumed yet (then no longer needed)
-        self._dispatched: set[str] | None = set()
         self._left_over: list[InboxEntry] = []
+        # New messages wait here until what a previous run left is dispatched (keeps order).
+        self._early: list[FeishuMessage] | None = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check the credentials, connect the long connection; raise FeishuConnectError."""
+        """Check the credentials, connect the long connection; raise FeishuConnectError.
+
+        Messages arriving from now on wait until :meth:`resume_inbox` has dispatched what a
+        previous run left, so every conversation stays in order.
+        """
         # What a previous run left is read before any new message can arrive.
         self._left_over = await self._core.store.inbox_list()
         await self._check_credentials()
@@ -95,10 +99,8 @@ class FeishuGateway:
         now = self._clock()
         window = self._settings.chat.resume_within_minutes * 60
         left_over, self._left_over = self._left_over, []
-        dispatched, self._dispatched = self._dispatched or set(), None
+        early, self._early = self._early or [], None
         for entry in left_over:
-            if entry.message_id in dispatched:
-                continue
             message = FeishuMessage.from_json(entry.payload)
             if now - entry.received_at <= window:
                 log.info("message_resumed", message_id=entry.message_id)
@@ -106,6 +108,8 @@ class FeishuGateway:
             else:
                 log.info("message_expired", message_id=entry.message_id)
                 self._track(self._apologise(message))
+        for message in early:
+            self._dispatch(message, delayed=False)
 
     async def stop(self) -> None:
         """Stop taking messages, let answers finish within the grace period, disconnect."""
@@ -256,7 +260,7 @@ class FeishuGateway:
             accepted_at=time.monotonic(),
         )
         if accepted and not self._closing:
-            self._loop.call_soon_threadsafe(self._dispatch, message, False)
+            self._loop.call_soon_threadsafe(self._dispatch_new, message)
 
     def _on_reject(self, event: Any, *_: Any) -> None:
         log.info(
@@ -267,9 +271,13 @@ class FeishuGateway:
 
     # ---- answering (on the bot's loop) -------------------------------------------------------
 
+    def _dispatch_new(self, message: FeishuMessage) -> None:
+        if self._early is not None:
+            self._early.append(message)
+        else:
+            self._dispatch(message, delayed=False)
+
     def _dispatch(self, message: FeishuMessage, delayed: bool) -> None:
-        if self._dispatched is not None:
-            self._dispatched.add(message.message_id)
         reply: Reply | None = None
         if message.kind == "text":
             # Taking the place in the conversation now keeps arrival order.

@@ -63,7 +63,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +71,8 @@ from typing import Any, Final, Literal, TypeVar
 
 from aiohttp import WSMsgType, web
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+
+from tests.fakes._background import ServerThread, SignalEvent, resolve_future
 
 __all__ = [
     "BOT_NAME",
@@ -346,57 +348,6 @@ def build_message_event(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_future(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class SignalEvent:
-    """A one-way flag settable from any thread and awaitable from any event loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._flag = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def is_set(self) -> bool:
-        """Return whether the event has been set."""
-        return self._flag.is_set()
-
-    def set(self) -> None:
-        """Set the flag and wake every waiter (sync and async, in any thread)."""
-        with self._lock:
-            if self._flag.is_set():
-                return
-            self._flag.set()
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            with contextlib.suppress(RuntimeError):  # the waiter's loop is closed
-                loop.call_soon_threadsafe(_resolve_future, fut)
-
-    async def wait(self) -> bool:
-        """Wait until set; always returns ``True`` (bound it with :func:`asyncio.wait_for`)."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._flag.is_set():
-                return True
-            self._waiters.append((loop, fut))
-        try:
-            await fut
-        finally:
-            with self._lock:
-                self._waiters = [(lp, f) for lp, f in self._waiters if f is not fut]
-        return True
-
-    def wait_blocking(self, timeout: float | None = None) -> bool:
-        """Block the calling thread until set; ``False`` on timeout."""
-        return self._flag.wait(timeout)
-
-    def __repr__(self) -> str:
-        return f"<SignalEvent set={self.is_set()}>"
-
-
 class _Notifier:
     """State lock plus "something changed" wake-ups for predicate waits from any thread."""
 
@@ -411,7 +362,7 @@ class _Notifier:
             self._cond.notify_all()
         for loop, fut in waiters:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve_future, fut)
+                loop.call_soon_threadsafe(resolve_future, fut)
 
     async def wait_for(self, predicate: Callable[[], T | None], timeout: float, what: str) -> T:
         loop = asyncio.get_running_loop()
@@ -2294,7 +2245,7 @@ class FakeFeishu:
 # --------------------------------------------------------------------------------------------
 
 
-class FakeFeishuThread:
+class FakeFeishuThread(ServerThread[FakeFeishu]):
     """Runs a :class:`FakeFeishu` on a private event loop in a daemon thread.
 
     For tests where the bot runs in a subprocess (or the SDK is called synchronously)::
@@ -2311,79 +2262,12 @@ class FakeFeishuThread:
     """
 
     def __init__(self, fake: FakeFeishu | None = None, *, start_timeout: float = 10.0) -> None:
-        self.fake = fake if fake is not None else FakeFeishu()
-        self._start_timeout = start_timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        super().__init__(fake if fake is not None else FakeFeishu(), start_timeout=start_timeout)
 
     @property
     def domain(self) -> str:
         """``http://127.0.0.1:PORT`` of the running fake."""
         return self.fake.domain
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            try:
-                loop.run_until_complete(self.fake.start())
-            except BaseException as exc:  # propagated by start()
-                self._error = exc
-                return
-            finally:
-                self._ready.set()
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
-
-    def start(self) -> FakeFeishuThread:
-        """Start the thread and wait until the server accepts connections."""
-        if self._thread is not None:
-            return self
-        self._thread = threading.Thread(target=self._run, name="FakeFeishuThread", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(self._start_timeout):
-            raise TimeoutError("FakeFeishuThread did not start in time")
-        if self._error is not None:
-            raise RuntimeError("FakeFeishu failed to start") from self._error
-        return self
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the server, stop the loop and join the thread (idempotent)."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        self._thread = None
-        if not loop.is_closed() and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self.fake.stop(), loop)
-            try:
-                future.result(timeout)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-
-    def __enter__(self) -> FakeFeishuThread:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def call(self, factory: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
-        """Run ``factory()`` on the fake's loop and return its result (blocking)."""
-
-        async def run() -> T:
-            return await factory()
-
-        return self.fake._submit(run(), timeout)
 
     def deliver(self, event: JSONDict | str = "p2p_text", **kwargs: Any) -> str:
         """Blocking :meth:`FakeFeishu.deliver`; returns the frame message id."""

@@ -56,6 +56,8 @@ from typing import Any, Final, TypeAlias
 
 from aiohttp import web
 
+from tests.fakes._background import ServerThread, SignalEvent, wait_any
+
 __all__ = [
     "CHAT_PATH",
     "DEFAULT_MODELS",
@@ -191,88 +193,8 @@ STREAM_OPTIONS_UNSUPPORTED_ERROR: Final[JSON] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Thread-safe signalling
+# Hold points
 # --------------------------------------------------------------------------------------------
-
-
-def _resolve_future(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class SignalEvent:
-    """A one-way flag that can be set from any thread and awaited from any event loop.
-
-    ``await event.wait()`` works in whichever loop the caller runs (the fake's loop or the
-    test's loop when the fake runs in a thread); :meth:`wait_blocking` is for synchronous code.
-    Wrap the await in :func:`asyncio.wait_for` to bound it.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._flag = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def is_set(self) -> bool:
-        """Return whether the event has been set."""
-        return self._flag.is_set()
-
-    def set(self) -> None:
-        """Set the flag and wake every waiter (sync and async, in any thread)."""
-        with self._lock:
-            if self._flag.is_set():
-                return
-            self._flag.set()
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            with contextlib.suppress(RuntimeError):  # the waiter's loop is already closed
-                loop.call_soon_threadsafe(_resolve_future, fut)
-
-    def _add_waiter(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> bool:
-        with self._lock:
-            if self._flag.is_set():
-                return False
-            self._waiters.append((loop, fut))
-            return True
-
-    def _remove_waiter(self, fut: asyncio.Future[None]) -> None:
-        with self._lock:
-            self._waiters = [(lp, f) for lp, f in self._waiters if f is not fut]
-
-    async def wait(self) -> bool:
-        """Wait until the flag is set; always returns ``True``."""
-        await _wait_any(self)
-        return True
-
-    def wait_blocking(self, timeout: float | None = None) -> bool:
-        """Block the calling thread until set; return ``False`` on timeout."""
-        return self._flag.wait(timeout)
-
-    def __repr__(self) -> str:
-        return f"<SignalEvent set={self.is_set()}>"
-
-
-async def _wait_any(*events: SignalEvent) -> SignalEvent:
-    """Wait until any of ``events`` is set and return the first one found set."""
-    for event in events:
-        if event.is_set():
-            return event
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    registered: list[SignalEvent] = []
-    try:
-        for event in events:
-            if not event._add_waiter(loop, fut):
-                return event
-            registered.append(event)
-        await fut
-    finally:
-        for event in registered:
-            event._remove_waiter(fut)
-    for event in events:
-        if event.is_set():
-            return event
-    raise AssertionError("unreachable: woken without any event set")  # pragma: no cover
 
 
 class _Latch:
@@ -948,7 +870,7 @@ class FakeOpenAI:
 
     async def _hold(self, latch: _Latch, request: web.Request) -> None:
         latch.arrived.set()
-        which = await _wait_any(latch._released, self._closing)
+        which = await wait_any(latch._released, self._closing)
         if which is self._closing and not latch.released:
             self._abort(request)
             raise _Aborted
@@ -1215,7 +1137,7 @@ def _model_object(model: str) -> JSON:
 # --------------------------------------------------------------------------------------------
 
 
-class FakeOpenAIThread:
+class FakeOpenAIThread(ServerThread[FakeOpenAI]):
     """Runs a :class:`FakeOpenAI` on a private event loop in a daemon thread.
 
     Intended for tests where the code under test runs in a subprocess or uses a synchronous
@@ -1228,72 +1150,13 @@ class FakeOpenAIThread:
             server.fake.wait_for_requests_blocking(1)
 
     :meth:`start` blocks until the port is bound; :meth:`close` stops the server (aborting held
-    requests) and joins the thread.
+    requests) and joins the thread; :meth:`call` runs a coroutine on the fake's loop.
     """
 
     def __init__(self, fake: FakeOpenAI | None = None, *, start_timeout: float = 10.0) -> None:
-        self.fake = fake if fake is not None else FakeOpenAI()
-        self._start_timeout = start_timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        super().__init__(fake if fake is not None else FakeOpenAI(), start_timeout=start_timeout)
 
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:PORT/v1`` of the running fake."""
         return self.fake.base_url
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            try:
-                loop.run_until_complete(self.fake.start())
-            except BaseException as exc:  # propagate to start()
-                self._error = exc
-                return
-            finally:
-                self._ready.set()
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
-
-    def start(self) -> FakeOpenAIThread:
-        """Start the thread and wait until the server accepts connections."""
-        if self._thread is not None:
-            return self
-        self._thread = threading.Thread(target=self._run, name="FakeOpenAIThread", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(self._start_timeout):
-            raise TimeoutError("FakeOpenAIThread did not start in time")
-        if self._error is not None:
-            raise RuntimeError("FakeOpenAI failed to start") from self._error
-        return self
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the server, stop the loop and join the thread (idempotent)."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        self._thread = None
-        if not loop.is_closed() and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self.fake.stop(), loop)
-            try:
-                future.result(timeout)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-
-    def __enter__(self) -> FakeOpenAIThread:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

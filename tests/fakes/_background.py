@@ -1,0 +1,227 @@
+"""Shared plumbing of the test fakes: cross-thread signalling and a background-thread runner.
+
+* :class:`SignalEvent` is a one-way flag that can be set from any thread and awaited from any
+  event loop (or waited on with a blocking call); :func:`wait_any` awaits the first of several.
+* :class:`ServerThread` runs an async server object (anything with ``start()`` / ``stop()``
+  coroutines, such as ``FakeFeishu`` or ``FakeOpenAI``) on a private event loop in a daemon
+  thread, so synchronous test code and subprocess-based tests can use it.
+
+The public classes of the fakes (``FakeFeishuThread``, ``FakeOpenAIThread``, their
+``SignalEvent``) are built on this module and re-exported by ``feishu_server`` /
+``openai_server``; import them from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Generic, Protocol, Self, TypeVar
+
+__all__ = ["AsyncServer", "ServerThread", "SignalEvent", "resolve_future", "wait_any"]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Thread-safe signalling
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_future(fut: asyncio.Future[None]) -> None:
+    """Resolve ``fut`` with ``None`` unless it is already done (use on the future's loop)."""
+    if not fut.done():
+        fut.set_result(None)
+
+
+class SignalEvent:
+    """A one-way flag that can be set from any thread and awaited from any event loop.
+
+    ``await event.wait()`` works in whichever loop the caller runs (the fake's loop or the
+    test's loop when the fake runs in a thread); :meth:`wait_blocking` is for synchronous code.
+    Wrap the await in :func:`asyncio.wait_for` to bound it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flag = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def is_set(self) -> bool:
+        """Return whether the event has been set."""
+        return self._flag.is_set()
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter (sync and async, in any thread)."""
+        with self._lock:
+            if self._flag.is_set():
+                return
+            self._flag.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # the waiter's loop is already closed
+                loop.call_soon_threadsafe(resolve_future, fut)
+
+    def _add_waiter(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> bool:
+        with self._lock:
+            if self._flag.is_set():
+                return False
+            self._waiters.append((loop, fut))
+            return True
+
+    def _remove_waiter(self, fut: asyncio.Future[None]) -> None:
+        with self._lock:
+            self._waiters = [(lp, f) for lp, f in self._waiters if f is not fut]
+
+    async def wait(self) -> bool:
+        """Wait until the flag is set; always returns ``True``."""
+        await wait_any(self)
+        return True
+
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until set; return ``False`` on timeout."""
+        return self._flag.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"<SignalEvent set={self.is_set()}>"
+
+
+async def wait_any(*events: SignalEvent) -> SignalEvent:
+    """Wait until any of ``events`` is set and return the first one found set."""
+    for event in events:
+        if event.is_set():
+            return event
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    registered: list[SignalEvent] = []
+    try:
+        for event in events:
+            if not event._add_waiter(loop, fut):
+                return event
+            registered.append(event)
+        await fut
+    finally:
+        for event in registered:
+            event._remove_waiter(fut)
+    for event in events:
+        if event.is_set():
+            return event
+    raise AssertionError("unreachable: woken without any event set")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Background-thread runner
+# --------------------------------------------------------------------------------------------
+
+
+class AsyncServer(Protocol):
+    """What :class:`ServerThread` runs: an object with ``start()`` and ``stop()`` coroutines."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=AsyncServer)
+
+
+class ServerThread(Generic[S]):
+    """Runs an :class:`AsyncServer` (:attr:`fake`) on a private event loop in a daemon thread.
+
+    :meth:`start` blocks until ``fake.start()`` has completed on that loop (an exception from
+    it is re-raised as :class:`RuntimeError`); :meth:`close` runs ``fake.stop()``, stops the
+    loop and joins the thread. :meth:`call` runs a coroutine on the loop from another thread.
+    Usable as a context manager.
+    """
+
+    def __init__(self, fake: S, *, start_timeout: float = 10.0) -> None:
+        self.fake = fake
+        self._start_timeout = start_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            try:
+                loop.run_until_complete(self.fake.start())
+            except BaseException as exc:  # propagated by start()
+                self._error = exc
+                return
+            finally:
+                self._ready.set()
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    def start(self) -> Self:
+        """Start the thread and wait until the server accepts connections."""
+        if self._thread is not None:
+            return self
+        name = type(self).__name__
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout):
+            raise TimeoutError(f"{name} did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"{type(self.fake).__name__} failed to start") from self._error
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the server, stop the loop and join the thread (idempotent)."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        self._thread = None
+        if not loop.is_closed() and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self.fake.stop(), loop)
+            try:
+                future.result(timeout)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def call(self, factory: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
+        """Run ``factory()`` on the server's loop and return its result (blocking).
+
+        Raises :class:`RuntimeError` when the thread was never started or when called from the
+        server's own loop (that would deadlock), :class:`TimeoutError` after ``timeout``.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"{type(self.fake).__name__} is not started")
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("a *_blocking call was made on the fake's own event loop")
+
+        async def run() -> T:
+            return await factory()
+
+        coro = run()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            raise
+        return future.result(timeout)
