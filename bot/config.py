@@ -54,6 +54,7 @@ class FeishuSettings(_Section):
     domain: str = "https://open.feishu.cn"
     connect_timeout_s: float = Field(default=20, gt=0)
     shutdown_grace_s: float = Field(default=10, ge=0)
+    reconnect_timeout_s: float = Field(default=600, gt=0)
 
     _domain_is_url = field_validator("domain")(_check_http_url)
 

@@ -316,6 +316,31 @@ def test_a_refused_long_connection_is_one_clear_error_and_exit_1(world: World) -
     assert "Traceback" not in result.stderr
 
 
+def test_a_connection_that_cannot_be_restored_ends_the_bot_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    for world in make_world(tmp_path, feishu={"reconnect_timeout_s": 1}):
+        bot = world.start_bot()
+        # Feishu refuses the reconnect for good (403 is fatal for the SDK: it stops retrying).
+        world.fs.fail("ws_connect", http_status=403, times=None)
+        world.feishu.drop_connections()
+        assert bot.wait(timeout=30) == 1
+        bot.wait_for_event("feishu_connection_lost")
+        assert "error: lost the connection to Feishu and could not reconnect within 1 s" in (
+            bot.output
+        )
+
+
+def test_a_short_outage_is_survived(tmp_path: Path) -> None:
+    for world in make_world(tmp_path, feishu={"reconnect_timeout_s": 30}):
+        bot = world.start_bot()
+        world.feishu.drop_connections()
+        bot.wait_for_event("feishu_reconnected")
+        message = world.send("p2p_text", text="still there?")
+        assert world.wait_for_final_reply(message) == "echo: still there?"
+        assert not bot.exited()
+
+
 def test_no_secret_appears_in_the_bots_output(world: World) -> None:
     bot = world.start_bot()
     message = world.send("p2p_text", text="hello")

@@ -60,6 +60,9 @@ class FeishuGateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._cut_short = asyncio.Event()
+        self.lost = asyncio.Event()  # set when the connection is gone for good
+        self.lost_reason = ""
+        self._watchdog: asyncio.Task[None] | None = None
         self._left_over: list[InboxEntry] = []
         # New messages wait here until what a previous run left is dispatched (keeps order).
         self._early: list[FeishuMessage] | None = []
@@ -114,6 +117,8 @@ class FeishuGateway:
     async def stop(self) -> None:
         """Stop taking messages, let answers finish within the grace period, disconnect."""
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         grace = self._settings.feishu.shutdown_grace_s
         if self._tasks:
             log.info("shutdown_waiting", replies=len(self._tasks), grace_s=grace)
@@ -168,8 +173,9 @@ class FeishuGateway:
         )
         channel.on("message", self._on_message)
         channel.on("reject", self._on_reject)
-        channel.on("reconnecting", lambda *_: log.warning("feishu_reconnecting"))
-        channel.on("reconnected", lambda *_: log.info("feishu_reconnected"))
+        # Called on the SDK's WebSocket thread: hand over to the bot's loop.
+        channel.on("reconnecting", lambda *_: self._loop.call_soon_threadsafe(self._reconnecting))
+        channel.on("reconnected", lambda *_: self._loop.call_soon_threadsafe(self._reconnected))
         channel.on("error", lambda error, *_: log.warning("feishu_error", error=str(error)))
         return channel
 
@@ -261,6 +267,30 @@ class FeishuGateway:
         )
         if accepted and not self._closing:
             self._loop.call_soon_threadsafe(self._dispatch_new, message)
+
+    def _reconnecting(self) -> None:
+        log.warning("feishu_reconnecting")
+        if self._watchdog is None and not self._closing:
+            self._watchdog = asyncio.create_task(self._expect_reconnect())
+
+    def _reconnected(self) -> None:
+        log.info("feishu_reconnected")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    async def _expect_reconnect(self) -> None:
+        """The SDK stops reconnecting silently after a fatal answer: do not stay up deaf."""
+        timeout = self._settings.feishu.reconnect_timeout_s
+        await asyncio.sleep(timeout)
+        if self._closing:
+            return
+        self.lost_reason = (
+            f"lost the connection to Feishu and could not reconnect within {timeout:g} s; "
+            "check the network and the app's long-connection setting, then start the bot again"
+        )
+        log.error("feishu_connection_lost", reconnect_timeout_s=timeout)
+        self.lost.set()
 
     def _on_reject(self, event: Any, *_: Any) -> None:
         log.info(

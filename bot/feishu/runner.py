@@ -1,7 +1,8 @@
 """``python -m bot run``: the bot's life from start to a clean exit.
 
 Start: open the core (store, keys, LLM client), connect to Feishu, answer what a previous run
-left unanswered. Then serve until SIGINT or SIGTERM, let answers in progress finish within
+left unanswered. Then serve until SIGINT or SIGTERM (or until the connection is lost for longer
+than ``feishu.reconnect_timeout_s``: then exit 1), let answers in progress finish within
 ``feishu.shutdown_grace_s`` (cutting the rest short with a note in their cards), disconnect,
 close the store.
 """
@@ -14,6 +15,7 @@ import signal
 
 from bot.app import build_core
 from bot.config import Settings
+from bot.errors import FeishuConnectError
 from bot.feishu.gateway import FeishuGateway
 from bot.logging import Redactor, get_logger
 
@@ -36,10 +38,16 @@ async def serve(settings: Settings, redactor: Redactor) -> None:
         try:
             await gateway.resume_inbox()
             log.info("bot_ready", model=settings.llm.model)
-            await stop.wait()
+            stopping = asyncio.create_task(stop.wait())
+            lost = asyncio.create_task(gateway.lost.wait())
+            await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            lost.cancel()
             log.info("bot_stopping")
         finally:
             await gateway.stop()
+        if gateway.lost.is_set():
+            raise FeishuConnectError(gateway.lost_reason)
     finally:
         await core.close()
         for number in (signal.SIGINT, signal.SIGTERM):
