@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.e2e_harness import LLM_KEY, USER_A, USER_B, World, make_world
+from tests.fakes.openai_server import server_error
 from tests.helpers import run_bot, write_settings
 
 pytestmark = pytest.mark.slow
@@ -240,6 +242,31 @@ def test_killed_mid_answer_then_restarted_answers_once_with_a_delayed_note(world
     assert final.startswith("_(Sorry for the delay: I was restarting when you sent this.)_")
     answers = [t for t in world.fs.reply_texts(message) if "echo: are you there?" in t]
     assert len(answers) == 1
+
+
+def test_a_message_left_too_long_ago_gets_a_short_apology_instead(tmp_path: Path) -> None:
+    for world in make_world(tmp_path):
+        first_run = world.start_bot()
+        held = world.llm.hold_next()
+        message = world.send("p2p_text", text="are you there?")
+        held.wait_arrived_blocking(10)
+        first_run.kill()
+        held.release()
+        settings = yaml.safe_load(world.settings_path.read_text(encoding="utf-8"))
+        settings["chat"]["resume_within_minutes"] = 0
+        write_settings(world.settings_path, settings)
+        world.start_bot()
+        text = world.wait_for_final_reply(message, containing="offline")
+        assert text.startswith("Sorry, I was offline when you sent this")
+        assert len(world.llm.requests) == 1  # only the killed attempt
+
+
+def test_a_failing_model_gets_a_short_apology_in_the_card(world: World) -> None:
+    world.llm.default.persistent = server_error()
+    world.start_bot()
+    message = world.send("p2p_text", text="hello?")
+    text = world.wait_for_final_reply(message)
+    assert text == "Sorry, the model is not answering right now. Please try again in a minute."
 
 
 def test_sigterm_exits_0_after_finishing_the_answer_in_progress(world: World) -> None:
