@@ -30,19 +30,24 @@ def settings_file(tmp_path: Path, server: FakeOpenAIThread) -> Path:
     )
 
 
-def test_piped_chat_streams_answers_and_exits_at_end_of_input(
-    tmp_path: Path, settings_file: Path, server: FakeOpenAIThread
-) -> None:
-    result = subprocess.run(
+def chat(workdir: Path, lines: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bot chat`` with ``lines`` piped in, to completion."""
+    return subprocess.run(
         [*BOT_COMMAND, "chat"],
-        input="hello there\n/help\nsecond message\n",
-        cwd=tmp_path,
+        input=lines,
+        cwd=workdir,
         env=bot_environment(),
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_piped_chat_streams_answers_and_exits_at_end_of_input(
+    tmp_path: Path, settings_file: Path, server: FakeOpenAIThread
+) -> None:
+    result = chat(tmp_path, "hello there\n/help\nsecond message\n")
     assert result.returncode == 0, result.stderr
     assert "bot> echo: hello there\n" in result.stdout
     assert "/reset — forget our conversation" in result.stdout
@@ -56,16 +61,7 @@ def test_terminal_history_survives_a_restart(
     tmp_path: Path, settings_file: Path, server: FakeOpenAIThread
 ) -> None:
     for line in ("the password is swordfish\n", "what was the password?\n"):
-        subprocess.run(
-            [*BOT_COMMAND, "chat"],
-            input=line,
-            cwd=tmp_path,
-            env=bot_environment(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
+        assert chat(tmp_path, line).returncode == 0
     contents = [m["content"] for m in server.fake.requests[-1].messages]
     assert "the password is swordfish" in contents
     assert (tmp_path / "data" / "bot.db").exists()
@@ -73,16 +69,7 @@ def test_terminal_history_survives_a_restart(
 
 def test_chat_works_without_feishu_credentials_or_keys(tmp_path: Path) -> None:
     write_settings(tmp_path / "settings.yaml", {"llm": {"base_url": "http://127.0.0.1:9/v1"}})
-    result = subprocess.run(
-        [*BOT_COMMAND, "chat"],
-        input="hello\n",
-        cwd=tmp_path,
-        env=bot_environment(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = chat(tmp_path, "hello\n")
     assert result.returncode == 0
     assert "I have no API key yet" in result.stdout
     assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import TextIO
 
+from bot import signals
 from bot.chat.service import (
     ConversationService,
     IncomingMessage,
@@ -90,12 +91,9 @@ class TerminalChat:
 
     async def run(self) -> None:
         """Chat until end of input."""
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGINT, self._interrupt)
         reader = _LineReader(self._input_fd)
         self._write(BANNER.format(model=self._model) + "\n")
-        try:
+        with signals.handling([signal.SIGINT], self._interrupt):
             while True:
                 if self._interactive:
                     self._write("you> ")
@@ -109,9 +107,6 @@ class TerminalChat:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._answering
                 self._answering = None
-        finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGINT)
 
     def _interrupt(self) -> None:
         if self._answering is not None and not self._answering.done():

@@ -48,7 +48,14 @@ UNSUPPORTED_TEXT = (
 class FeishuGateway:
     """Receives Feishu messages, answers them through the conversation service."""
 
-    def __init__(self, settings: Settings, core: Core, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        core: Core,
+        *,
+        clock: Clock = time.time,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._core = core
         self._clock = clock
@@ -60,8 +67,8 @@ class FeishuGateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._cut_short = asyncio.Event()
-        self.lost = asyncio.Event()  # set when the connection is gone for good
-        self.lost_reason = ""
+        self._on_lost = on_lost
+        self.lost_reason = ""  # set when the connection is gone for good
         self._watchdog: asyncio.Task[None] | None = None
         self._left_over: list[InboxEntry] = []
         # New messages wait here until what a previous run left is dispatched (keeps order).
@@ -290,7 +297,8 @@ class FeishuGateway:
             "check the network and the app's long-connection setting, then start the bot again"
         )
         log.error("feishu_connection_lost", reconnect_timeout_s=timeout)
-        self.lost.set()
+        if self._on_lost is not None:
+            self._on_lost()
 
     def _on_reject(self, event: Any, *_: Any) -> None:
         log.info(

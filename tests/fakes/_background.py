@@ -1,12 +1,15 @@
-"""Shared plumbing of the test fakes: cross-thread signalling and a background-thread runner.
+"""Shared plumbing of the test fakes: cross-thread signalling, hold points, server lifecycle.
 
 * :class:`SignalEvent` is a one-way flag that can be set from any thread and awaited from any
   event loop (or waited on with a blocking call); :func:`wait_any` awaits the first of several.
+* :class:`Latch` is a hold point: an ``arrived`` signal plus a release; the fakes' ``Gate``
+  (and ``Hang``) classes build on it.
+* :class:`ServerLifecycle` gives a fake server ``async with`` support and its bound ``port``.
 * :class:`ServerThread` runs an async server object (anything with ``start()`` / ``stop()``
   coroutines, such as ``FakeFeishu`` or ``FakeOpenAI``) on a private event loop in a daemon
   thread, so synchronous test code and subprocess-based tests can use it.
 
-The public classes of the fakes (``FakeFeishuThread``, ``FakeOpenAIThread``, their
+The public classes of the fakes (``FakeFeishuThread``, ``FakeOpenAIThread``, ``Gate``, their
 ``SignalEvent``) are built on this module and re-exported by ``feishu_server`` /
 ``openai_server``; import them from there.
 """
@@ -20,7 +23,15 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
-__all__ = ["AsyncServer", "ServerThread", "SignalEvent", "resolve_future", "wait_any"]
+__all__ = [
+    "AsyncServer",
+    "Latch",
+    "ServerLifecycle",
+    "ServerThread",
+    "SignalEvent",
+    "resolve_future",
+    "wait_any",
+]
 
 T = TypeVar("T")
 
@@ -112,8 +123,85 @@ async def wait_any(*events: SignalEvent) -> SignalEvent:
 
 
 # --------------------------------------------------------------------------------------------
-# Background-thread runner
+# Hold points
 # --------------------------------------------------------------------------------------------
+
+
+class Latch:
+    """A hold point: :attr:`arrived` tells that a request reached it, :meth:`release` frees it.
+
+    The fakes set ``arrived`` and wait on the private ``_released`` event themselves (possibly
+    racing it against their own shutdown). Thread-safe: every method works from any thread,
+    ``wait_arrived`` from any event loop.
+    """
+
+    def __init__(self) -> None:
+        self.arrived = SignalEvent()
+        """Set when a request reached the hold point."""
+        self._released = SignalEvent()
+
+    def release(self) -> None:
+        """Let the held request(s) continue. Safe to call from any thread, idempotent."""
+        self._released.set()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released.is_set()
+
+    async def wait_arrived(self, timeout: float = 5.0) -> None:
+        """Await :attr:`arrived` with a timeout (raises :class:`TimeoutError`)."""
+        await asyncio.wait_for(self.arrived.wait(), timeout)
+
+    def wait_arrived_blocking(self, timeout: float = 5.0) -> None:
+        """Block until :attr:`arrived` is set (raises :class:`TimeoutError`)."""
+        if not self.arrived.wait_blocking(timeout):
+            raise TimeoutError(f"no request arrived at {self!r} within {timeout}s")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} arrived={self.arrived.is_set()} released={self.released}>"
+
+
+# --------------------------------------------------------------------------------------------
+# Server lifecycle and background-thread runner
+# --------------------------------------------------------------------------------------------
+
+
+class ServerLifecycle:
+    """Base of the fake servers: ``async with`` support and the bound :attr:`port`.
+
+    ``async with`` runs :meth:`start` and :meth:`stop`, which a subclass implements (``start()``
+    sets ``_port`` once the server is bound).
+    """
+
+    _port: int | None = None
+
+    async def start(self) -> None:
+        """Bind and start serving (idempotent)."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Shut the server down (idempotent)."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (only once started)."""
+        if self._port is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return self._port
 
 
 class AsyncServer(Protocol):

@@ -66,13 +66,18 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
 from aiohttp import WSMsgType, web
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 
-from tests.fakes._background import ServerThread, SignalEvent, resolve_future
+from tests.fakes._background import (
+    Latch,
+    ServerLifecycle,
+    ServerThread,
+    SignalEvent,
+    resolve_future,
+)
 
 __all__ = [
     "BOT_NAME",
@@ -717,7 +722,7 @@ def _load_json(raw: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-class Gate:
+class Gate(Latch):
     """Holds matching requests until :meth:`release` (created by :meth:`FakeFeishu.hold`).
 
     ``await gate.arrived.wait()`` (any loop) or :meth:`wait_arrived_blocking` (any thread)
@@ -725,28 +730,9 @@ class Gate:
     """
 
     def __init__(self, target: str) -> None:
+        super().__init__()
         self.target = target
-        self.arrived = SignalEvent()
-        self._released = SignalEvent()
         self.calls: list[RestCall] = []
-
-    def release(self) -> None:
-        """Let the held request(s) continue. Safe from any thread; idempotent."""
-        self._released.set()
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return self._released.is_set()
-
-    async def wait_arrived(self, timeout: float = 5.0) -> None:
-        """Await :attr:`arrived` with a timeout (raises :class:`TimeoutError`)."""
-        await asyncio.wait_for(self.arrived.wait(), timeout)
-
-    def wait_arrived_blocking(self, timeout: float = 5.0) -> None:
-        """Block until :attr:`arrived` is set (raises :class:`TimeoutError`)."""
-        if not self.arrived.wait_blocking(timeout):
-            raise TimeoutError(f"no request arrived at {self!r} within {timeout}s")
 
     def __repr__(self) -> str:
         return (
@@ -831,7 +817,7 @@ def _sample_error(name: str) -> _Reply:
 # --------------------------------------------------------------------------------------------
 
 
-class FakeFeishu:
+class FakeFeishu(ServerLifecycle):
     """A fake Feishu open platform on ``127.0.0.1`` (see the module docstring).
 
     ``reconnect_*`` and ``ping_interval`` form the ``ClientConfig`` sent with the endpoint and
@@ -961,28 +947,9 @@ class FakeFeishu:
             await runner.cleanup()
         self._notifier.notify()
 
-    async def __aenter__(self) -> FakeFeishu:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     def run_in_thread(self) -> FakeFeishuThread:
         """Start this fake on its own event loop in a daemon thread; ``close()`` it when done."""
         return FakeFeishuThread(self).start()
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (only once started)."""
-        if self._port is None:
-            raise RuntimeError("FakeFeishu is not started")
-        return self._port
 
     @property
     def domain(self) -> str:

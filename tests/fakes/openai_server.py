@@ -51,12 +51,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from types import TracebackType
 from typing import Any, Final, TypeAlias
 
 from aiohttp import web
 
-from tests.fakes._background import ServerThread, SignalEvent, wait_any
+from tests.fakes._background import Latch, ServerLifecycle, ServerThread, SignalEvent, wait_any
 
 __all__ = [
     "CHAT_PATH",
@@ -197,34 +196,7 @@ STREAM_OPTIONS_UNSUPPORTED_ERROR: Final[JSON] = {
 # --------------------------------------------------------------------------------------------
 
 
-class _Latch:
-    """Common part of :class:`Gate` and :class:`Hang`: an arrival signal plus a release."""
-
-    def __init__(self) -> None:
-        self.arrived = SignalEvent()
-        """Set when a request reached the hold point."""
-        self._released = SignalEvent()
-
-    def release(self) -> None:
-        """Let the held request(s) continue. Safe to call from any thread, idempotent."""
-        self._released.set()
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return self._released.is_set()
-
-    async def wait_arrived(self, timeout: float = 5.0) -> None:
-        """Await :attr:`arrived` with a timeout (raises :class:`TimeoutError`)."""
-        await asyncio.wait_for(self.arrived.wait(), timeout)
-
-    def wait_arrived_blocking(self, timeout: float = 5.0) -> None:
-        """Block until :attr:`arrived` is set (raises :class:`TimeoutError`)."""
-        if not self.arrived.wait_blocking(timeout):
-            raise TimeoutError(f"no request arrived at {self!r} within {timeout}s")
-
-
-class Gate(_Latch):
+class Gate(Latch):
     """Holds one request until :meth:`release` (created by :meth:`FakeOpenAI.hold_next`).
 
     With ``after_chunks == 0`` the request is held before any response byte is sent. With
@@ -291,16 +263,13 @@ class ErrorResponse:
         return None
 
 
-class Hang(_Latch):
+class Hang(Latch):
     """Accept the request and answer nothing until :meth:`release` or the server stops.
 
     Once released the request proceeds normally (scripted reply). When the server stops first
     the connection is aborted. As a ``persistent`` behaviour every request hangs on the same
     latch and one :meth:`release` frees all of them.
     """
-
-    def __repr__(self) -> str:
-        return f"<Hang arrived={self.arrived.is_set()} released={self.released}>"
 
 
 @dataclass(frozen=True)
@@ -523,7 +492,7 @@ class _Aborted(Exception):
     """Internal: the connection was aborted (server stopping or a ResetAfter)."""
 
 
-class FakeOpenAI:
+class FakeOpenAI(ServerLifecycle):
     """A scriptable OpenAI-compatible server on ``127.0.0.1`` (see the module docstring).
 
     Use ``async with FakeOpenAI() as fake`` (or :meth:`start` / :meth:`stop`), then point a
@@ -588,28 +557,9 @@ class FakeOpenAI:
         if runner is not None:
             await runner.cleanup()
 
-    async def __aenter__(self) -> FakeOpenAI:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     def run_in_thread(self) -> FakeOpenAIThread:
         """Start this fake on its own event loop in a daemon thread; ``close()`` it when done."""
         return FakeOpenAIThread(self).start()
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (only once started)."""
-        if self._port is None:
-            raise RuntimeError("FakeOpenAI is not started")
-        return self._port
 
     @property
     def url(self) -> str:
@@ -727,12 +677,7 @@ class FakeOpenAI:
             self._request_waiters = [w for w in self._request_waiters if w[2] is not event]
 
     async def wait_for_requests(
-        self,
-        n: int,
-        timeout: float = 5.0,
-        *,
-        key: str | None = None,
-        path: str | None = None,
+        self, n: int, timeout: float = 5.0, *, key: str | None = None, path: str | None = None
     ) -> list[RequestRecord]:
         """Wait until at least ``n`` matching requests were logged; return the first ``n``.
 
@@ -741,30 +686,30 @@ class FakeOpenAI:
         """
         event, matching = self._register_request_waiter(n, key, path)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            got = len(matching())
-            raise TimeoutError(f"expected {n} request(s), got {got} after {timeout}s") from None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
         finally:
             self._drop_request_waiter(event)
-        return matching()[:n]
+        return self._waited_requests(event, matching, n, timeout)
 
     def wait_for_requests_blocking(
-        self,
-        n: int,
-        timeout: float = 5.0,
-        *,
-        key: str | None = None,
-        path: str | None = None,
+        self, n: int, timeout: float = 5.0, *, key: str | None = None, path: str | None = None
     ) -> list[RequestRecord]:
         """Blocking variant of :meth:`wait_for_requests` for synchronous test code."""
         event, matching = self._register_request_waiter(n, key, path)
         try:
-            if not event.wait_blocking(timeout):
-                got = len(matching())
-                raise TimeoutError(f"expected {n} request(s), got {got} after {timeout}s")
+            event.wait_blocking(timeout)
         finally:
             self._drop_request_waiter(event)
+        return self._waited_requests(event, matching, n, timeout)
+
+    @staticmethod
+    def _waited_requests(
+        event: SignalEvent, matching: Callable[[], list[RequestRecord]], n: int, timeout: float
+    ) -> list[RequestRecord]:
+        if not event.is_set():
+            got = len(matching())
+            raise TimeoutError(f"expected {n} request(s), got {got} after {timeout}s")
         return matching()[:n]
 
     # -- internals ---------------------------------------------------------------------------
@@ -868,7 +813,7 @@ class FakeOpenAI:
             return None
         return token.strip()
 
-    async def _hold(self, latch: _Latch, request: web.Request) -> None:
+    async def _hold(self, latch: Latch, request: web.Request) -> None:
         latch.arrived.set()
         which = await wait_any(latch._released, self._closing)
         if which is self._closing and not latch.released:
