@@ -22,7 +22,7 @@ from bot.config import Settings
 from bot.errors import FeishuConnectError
 from bot.feishu import http_pool
 from bot.feishu.dedup import StoreDedup
-from bot.feishu.messages import FeishuMessage, from_inbound, mentions_bot
+from bot.feishu.messages import FeishuMessage, from_inbound
 from bot.feishu.replier import CardReplier
 from bot.logging import adopt_sdk_logger, bind_context, get_logger, quiet_sdk_shutdown
 from bot.store import InboxEntry
@@ -117,7 +117,7 @@ class FeishuGateway:
                 self._dispatch(message, delayed=True)
             else:
                 log.info("message_expired", message_id=entry.message_id)
-                self._track(self._apologise(message))
+                self._track(self._answer(message, None, text=TOO_LATE_TEXT))
         for message in early:
             self._dispatch(message, delayed=False)
 
@@ -251,13 +251,9 @@ class FeishuGateway:
     async def _accept(self, inbound: Any) -> None:
         identity = self._channel.bot_identity
         bot_open_id = getattr(identity, "open_id", None)
+        # Group messages without the bot's @mention were already turned away by the channel's
+        # policy gate (PolicyConfig.require_mention) and reach `_on_reject` instead.
         message = from_inbound(inbound, bot_open_id)
-        if (
-            message.in_group
-            and self._settings.chat.group_requires_mention
-            and not mentions_bot(inbound, bot_open_id)
-        ):
-            return
         entry = InboxEntry(
             message_id=message.message_id,
             conversation_id=message.conversation_id,
@@ -316,34 +312,43 @@ class FeishuGateway:
             self._dispatch(message, delayed=False)
 
     def _dispatch(self, message: FeishuMessage, delayed: bool) -> None:
-        reply: Reply | None = None
-        if message.kind == "text":
-            # Taking the place in the conversation now keeps arrival order.
-            reply = self._core.service.handle(
-                IncomingMessage(
-                    conversation_id=message.conversation_id,
-                    user_id=message.sender_open_id,
-                    text=message.text,
-                    message_id=message.message_id,
-                )
+        if message.kind != "text":
+            text = UNSUPPORTED_TEXT.format(what=message.describe_type())
+            self._track(self._answer(message, None, text=text))
+            return
+        # Taking the place in the conversation now keeps arrival order.
+        reply = self._core.service.handle(
+            IncomingMessage(
+                conversation_id=message.conversation_id,
+                user_id=message.sender_open_id,
+                text=message.text,
+                message_id=message.message_id,
             )
-        self._track(self._answer(message, reply, delayed))
+        )
+        self._track(self._answer(message, reply, delayed=delayed))
 
     def _track(self, coroutine: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, message: FeishuMessage, reply: Reply | None, delayed: bool) -> None:
+    async def _answer(
+        self,
+        message: FeishuMessage,
+        reply: Reply | None,
+        *,
+        delayed: bool = False,
+        text: str = "",
+    ) -> None:
+        """Deliver ``reply`` as a streamed card, or ``text`` as a plain reply; then clear the
+        message from the inbox. What could not be delivered stays for the next start."""
         bind_context(conversation=message.conversation_id, message_id=message.message_id)
         assert self._replier is not None
         started = time.monotonic()
         try:
             if reply is None:
-                await self._send_text(
-                    message, UNSUPPORTED_TEXT.format(what=message.describe_type())
-                )
-                outcome = "unsupported"
+                await self._send(message, {"text": text})
+                outcome = "text"
             else:
                 result = await self._replier.stream(
                     chat_id=message.chat_id,
@@ -366,17 +371,6 @@ class FeishuGateway:
                 await reply.aclose()
         await self._core.store.inbox_remove(message.message_id)
         log.info("reply_sent", outcome=outcome, seconds=round(time.monotonic() - started, 3))
-
-    async def _apologise(self, message: FeishuMessage) -> None:
-        try:
-            await self._send_text(message, TOO_LATE_TEXT)
-        except Exception as exc:
-            log.error("reply_not_delivered", error=f"{type(exc).__name__}: {exc}")
-            return
-        await self._core.store.inbox_remove(message.message_id)
-
-    async def _send_text(self, message: FeishuMessage, text: str) -> None:
-        await self._send(message, {"text": text})
 
     async def _send(self, message: FeishuMessage, content: dict[str, str]) -> None:
         result = await self._channel.send(

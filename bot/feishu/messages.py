@@ -94,13 +94,6 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
     )
 
 
-def mentions_bot(inbound: Any, bot_open_id: str | None) -> bool:
-    """Whether the message @mentions the bot (the channel's own flag is never set in 1.7.5)."""
-    if not bot_open_id:
-        return False
-    return any(getattr(m, "open_id", None) == bot_open_id for m in inbound.mentions or [])
-
-
 def _text_of(inbound: Any) -> str:
     text = str(getattr(inbound, "content_text", "") or "")
     if not text:
