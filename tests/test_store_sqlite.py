@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -93,3 +94,18 @@ def test_factory_refuses_a_backend_this_version_lacks() -> None:
     settings = parse_settings({"store": {"url": "redis://127.0.0.1:6379/0"}})
     with pytest.raises(ConfigError, match=r"store\.url: redis:// stores are not available"):
         create_store(settings.store)
+
+
+async def test_the_running_bot_purges_expired_dedup_marks(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    from bot.feishu.runner import _purge_expired_marks
+
+    await store.mark_seen("msg:old", ttl_s=10)
+    await store.mark_seen("msg:fresh", ttl_s=1000)
+    clock.advance(20)
+    housekeeping = asyncio.create_task(_purge_expired_marks(store, every_s=3600))
+    await asyncio.sleep(0)  # its first purge is queued on the store's single thread first
+    assert await store.purge_expired() == 0
+    assert await store.is_seen("msg:fresh")
+    housekeeping.cancel()
