@@ -65,10 +65,17 @@ class _OpenStream:
     lease: Lease
     stream: Any
     chunks: AsyncIterator[Any]
-    first_text: str
-    usage: TokenUsage | None
-    finish_reason: str | None
-    exhausted: bool
+    first_text: str = ""
+    usage: TokenUsage | None = None
+    finish_reason: str | None = None
+    exhausted: bool = False
+
+    def absorb(self, chunk: Any) -> str:
+        """Take a chunk's usage and finish reason; return its text."""
+        text, usage, finish_reason = _parse_chunk(chunk)
+        self.usage = usage or self.usage
+        self.finish_reason = finish_reason or self.finish_reason
+        return text
 
 
 class LLMClient:
@@ -173,16 +180,13 @@ class LLMClient:
             raise
 
     async def _read_until_text(self, lease: Lease, stream: Any) -> _OpenStream:
-        chunks = stream.__aiter__()
-        usage: TokenUsage | None = None
-        finish_reason: str | None = None
-        async for chunk in chunks:
-            text, chunk_usage, chunk_finish = _parse_chunk(chunk)
-            usage = chunk_usage or usage
-            finish_reason = chunk_finish or finish_reason
-            if text:
-                return _OpenStream(lease, stream, chunks, text, usage, finish_reason, False)
-        return _OpenStream(lease, stream, chunks, "", usage, finish_reason, True)
+        opened = _OpenStream(lease, stream, stream.__aiter__())
+        async for chunk in opened.chunks:
+            opened.first_text = opened.absorb(chunk)
+            if opened.first_text:
+                return opened
+        opened.exhausted = True
+        return opened
 
     async def _penalize(self, lease: Lease, exc: Exception) -> Exception:
         """Apply an attempt's failure to its key; return what to raise (retryable or final)."""
@@ -212,21 +216,25 @@ class LLMClient:
 
     def _log_retry(self, state: RetryCallState) -> None:
         failure = state.outcome.exception() if state.outcome else None
-        reason = failure.classified.reason if isinstance(failure, _Retryable) else repr(failure)
+        if not isinstance(failure, _Retryable):
+            return
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning("llm_retry", attempt=state.attempt_number, reason=reason, wait_s=round(wait, 3))
+        log.warning(
+            "llm_retry",
+            attempt=state.attempt_number,
+            key=failure.key,
+            reason=failure.classified.reason,
+            wait_s=round(wait, 3),
+        )
 
     async def _finish(self, emit: Emit, opened: _OpenStream) -> None:
         lease, text_so_far = opened.lease, opened.first_text
-        usage, finish_reason = opened.usage, opened.finish_reason
         try:
             if text_so_far:
                 emit(TextDelta(text_so_far))
             if not opened.exhausted:
                 async for chunk in opened.chunks:
-                    text, chunk_usage, chunk_finish = _parse_chunk(chunk)
-                    usage = chunk_usage or usage
-                    finish_reason = chunk_finish or finish_reason
+                    text = opened.absorb(chunk)
                     if text:
                         text_so_far += text
                         emit(TextDelta(text))
@@ -239,7 +247,7 @@ class LLMClient:
                 await opened.stream.close()
             lease.release()
         await self._pool.report_success(lease.key_id)
-        emit(Completed(usage=usage, key_id=lease.key_id, finish_reason=finish_reason))
+        emit(Completed(usage=opened.usage, key_id=lease.key_id, finish_reason=opened.finish_reason))
 
 
 def _parse_chunk(chunk: Any) -> tuple[str, TokenUsage | None, str | None]:
