@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bot.cli import main
+from bot import signals
+
+signals.stop_quietly_on_sigterm()  # before the heavy imports: a SIGTERM now is a clean exit
+
+try:
+    from bot.cli import main
+except signals.StopRequested:  # stopped while still importing
+    sys.exit(0)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ from bot.chat.terminal import TerminalChat
 from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
 from bot.errors import BotError, ConfigError, FeishuConnectError
 from bot.logging import Redactor, configure_logging
+from bot.signals import StopRequested
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except StopRequested:  # SIGTERM before the bot was serving: nothing to wind down
+        return EXIT_OK
 
 
 def report_config_error(exc: ConfigError) -> int:

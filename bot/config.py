@@ -8,11 +8,13 @@ one line naming the field (``llm.keys[1].key: field required``) inside a :class:
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -46,6 +48,62 @@ def _check_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
+_DOMAIN_ADVICE = (
+    "must be https://open.feishu.cn or https://open.larksuite.com "
+    "(or http:// for a local test server)"
+)
+# The SDK (lark_oapi.client._validate_domain) allows http:// for exactly these hosts, so the
+# config does too: a wider rule here would pass a domain the SDK then refuses at connect time.
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
+_USERINFO = re.compile(r"[^/?#@]*@")  # "user:password@", even in a URL too broken to parse
+
+
+def _check_feishu_domain(value: str) -> str:
+    """An origin the Feishu SDK accepts: ``https://host[:port]``, or http:// on loopback.
+
+    Returns it normalised (lower-case scheme and host, no trailing slash), which is what the
+    SDK is given. Errors never echo a ``user:password@`` part.
+    """
+    shown = _USERINFO.sub("***@", value)
+
+    def problem(reason: str) -> ValueError:
+        return ValueError(f"{_DOMAIN_ADVICE}, got {shown!r}: {reason}")
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:  # its text may quote a password-like fragment: say it in our words
+        raise problem("it is not a valid URL (check the port and any [IPv6] address)") from None
+    if not value:
+        raise problem("it is empty")
+    if parts.scheme not in ("http", "https"):
+        raise problem("it must start with https://")
+    if "@" in parts.netloc:
+        raise problem("credentials do not belong in the domain; remove the part before '@'")
+    host = parts.hostname or ""
+    if not host:
+        raise problem("the host name is missing")
+    if not (_HOST_NAME.fullmatch(host) or _is_ipv6(host)):
+        raise problem(f"{host!r} is not a host name")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise problem("write only the scheme and host, without a path, '?' or '#'")
+    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
+        raise problem("http:// is only for a local server (127.0.0.1, ::1 or localhost)")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return SplitResult(parts.scheme, netloc, "", "", "").geturl()
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class FeishuSettings(_Section):
     """The Feishu/Lark app the bot logs in as."""
 
@@ -55,8 +113,9 @@ class FeishuSettings(_Section):
     connect_timeout_s: float = Field(default=20, gt=0)
     shutdown_grace_s: float = Field(default=10, ge=0)
     reconnect_timeout_s: float = Field(default=600, gt=0)
+    redelivery_minutes: float = Field(default=60, ge=0, le=24 * 60)
 
-    _domain_is_url = field_validator("domain")(_check_http_url)
+    _domain_is_origin = field_validator("domain")(_check_feishu_domain)
 
 
 class KeyEntry(_Section):
@@ -108,6 +167,7 @@ class ChatSettings(_Section):
     merge_burst_ms: int = Field(default=0, ge=0, le=10_000)
     stream_update_ms: int = Field(default=300, ge=50, le=10_000)
     resume_within_minutes: float = Field(default=10, ge=0)
+    history_retention_days: float = Field(default=90, ge=0)
 
 
 class AccessSettings(_Section):
@@ -235,6 +295,14 @@ def parse_settings(raw: Any, source: str = "settings") -> Settings:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise ConfigError(
+            [
+                f"{path}: is not UTF-8 text (byte 0x{byte:02x} at position {exc.start}): "
+                "save it as UTF-8"
+            ]
+        ) from None
     except FileNotFoundError:
         raise ConfigError(
             [

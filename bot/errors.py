@@ -49,3 +49,11 @@ class ReplyInterrupted(LLMError):
 
 class FeishuConnectError(BotError):
     """The long connection could not be established (bad credentials, unreachable domain)."""
+
+
+class StoreLocked(BotError):
+    """Another running process holds the store's instance lock; ``holder`` names it."""
+
+    def __init__(self, message: str, *, holder: str) -> None:
+        self.holder = holder
+        super().__init__(message)

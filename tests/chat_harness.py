@@ -7,15 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.chat.service import (
-    ConversationService,
-    IncomingMessage,
-    ReplyDelta,
-    ReplyEvent,
-    ReplyFailed,
-    ReplyFinished,
-    ReplyNotice,
-)
+from bot.chat.replies import Reply, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
+from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings, parse_settings
 from bot.llm.client import LLMClient
 from bot.llm.keypool import KeyPool, key_id_of
@@ -131,8 +124,13 @@ class ChatHarness:
         return view.state
 
 
-async def collect(reply: Any) -> Answer:
+async def collect(reply: Reply) -> Answer:
+    """Read a reply to its end as a transport would, then commit it (it was "delivered")."""
     answer = Answer()
-    async for event in reply:
-        answer.events.append(event)
+    try:
+        async for event in reply:
+            answer.events.append(event)
+        await reply.commit()
+    finally:
+        await reply.aclose()
     return answer

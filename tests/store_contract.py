@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.store import InboxEntry, Store, StoredKey, Turn
+import pytest
+
+from bot.errors import StoreError
+from bot.store import InboxEntry, Store, StoredKey, Turn, TurnStatus, UsageRecord
 
 
 class FakeClock:
@@ -24,8 +27,24 @@ class FakeClock:
         self.now += seconds
 
 
-def turn(conversation: str, role: str, content: str, at: float = 0.0) -> Turn:
-    return Turn(conversation, role, content, created_at=at, tokens=len(content))  # type: ignore[arg-type]
+def turn(
+    conversation: str,
+    role: str,
+    content: str,
+    at: float = 0.0,
+    *,
+    tokens: int | None = None,
+    status: TurnStatus = "complete",
+) -> Turn:
+    """A turn; its ``tokens`` default to the length of its content."""
+    return Turn(
+        conversation,
+        role,  # type: ignore[arg-type]
+        content,
+        created_at=at,
+        tokens=len(content) if tokens is None else tokens,
+        status=status,
+    )
 
 
 def key(key_id: str, **changes: object) -> StoredKey:
@@ -160,3 +179,140 @@ class StoreContract:
             ("ou_1", 2, 13, 7),
             ("ou_2", 1, 1, 1),
         ]
+
+    # ---- history: cut answers, budgets, retention ---------------------------------------------
+
+    async def test_turn_status_round_trips(self, store: Store) -> None:
+        await store.append_turn(turn("c1", "user", "tell me a story", 1))
+        await store.append_turn(turn("c1", "assistant", "Once upon a", 2, status="cut"))
+        await store.complete_message([], [turn("c1", "assistant", "The end", 3)], None)
+        loaded = await store.load_turns("c1")
+        assert [(t.content, t.status) for t in loaded] == [
+            ("tell me a story", "complete"),
+            ("Once upon a", "cut"),
+            ("The end", "complete"),
+        ]
+        assert await store.load_recent_turns("c1", 1000) == loaded
+
+    async def test_load_recent_turns_reads_only_what_fits_the_budget_newest_first(
+        self, store: Store
+    ) -> None:
+        await store.append_turn(turn("c1", "user", "oldest, small", 1, tokens=1))
+        await store.append_turn(turn("c1", "assistant", "long answer", 2, tokens=10))
+        await store.append_turn(turn("c2", "user", "another chat", 3, tokens=1))
+        await store.append_turn(turn("c1", "user", "follow-up", 4, tokens=2))
+        await store.append_turn(turn("c1", "assistant", "short answer", 5, tokens=3))
+
+        def contents(turns: list[Turn]) -> list[str]:
+            return [t.content for t in turns]
+
+        assert contents(await store.load_recent_turns("c1", 16)) == [
+            "oldest, small",
+            "long answer",
+            "follow-up",
+            "short answer",
+        ]
+        assert contents(await store.load_recent_turns("c1", 15)) == [
+            "long answer",
+            "follow-up",
+            "short answer",
+        ]
+        # The long answer does not fit: the scan ends there, the small turn before it is not
+        # picked up, so the history sent never has a hole in it.
+        assert contents(await store.load_recent_turns("c1", 14)) == [
+            "follow-up",
+            "short answer",
+        ]
+        assert await store.load_recent_turns("c1", 2) == []
+        assert await store.load_recent_turns("c1", 0) == []
+        assert await store.load_recent_turns("nobody", 1000) == []
+
+    async def test_load_recent_turns_returns_a_long_history_whole_when_it_fits(
+        self, store: Store
+    ) -> None:
+        history = [turn("c1", "user", f"message {index}", index, tokens=1) for index in range(120)]
+        await store.complete_message([], history, None)
+        assert await store.load_recent_turns("c1", 120) == history
+        assert await store.load_recent_turns("c1", 75) == history[-75:]
+
+    async def test_prune_turns_drops_only_older_turns(self, store: Store) -> None:
+        await store.append_turn(turn("c1", "user", "old", 100))
+        await store.append_turn(turn("c2", "user", "old too", 150))
+        await store.append_turn(turn("c1", "assistant", "exactly at the limit", 200))
+        await store.append_turn(turn("c2", "assistant", "new", 300))
+        assert await store.prune_turns(older_than=200) == 2
+        assert [t.content for t in await store.load_turns("c1")] == ["exactly at the limit"]
+        assert [t.content for t in await store.load_turns("c2")] == ["new"]
+        assert await store.prune_turns(older_than=200) == 0
+
+    # ---- inbox: delivery record, rejected rows --------------------------------------------
+
+    async def test_inbox_delivery_round_trips(self, store: Store) -> None:
+        await store.accept_message(InboxEntry("om_1", "c1", "{}", received_at=1), 3600)
+        await store.inbox_add(InboxEntry("om_2", "c1", "{}", received_at=2, delivery='{"a": 1}'))
+        assert [e.delivery for e in await store.inbox_list()] == [None, '{"a": 1}']
+
+        await store.inbox_set_delivery("om_1", '{"card": "om_card_1", "answer": "Hi"}')
+        await store.inbox_set_delivery("om_2", None)
+        await store.inbox_set_delivery("om_gone", '{"card": "x"}')
+        pending = await store.inbox_list()
+        assert [(e.message_id, e.delivery) for e in pending] == [
+            ("om_1", '{"card": "om_card_1", "answer": "Hi"}'),
+            ("om_2", None),
+        ]
+
+    async def test_inbox_reject_moves_the_row_aside(self, store: Store) -> None:
+        await store.accept_message(InboxEntry("om_1", "c1", "not json", received_at=1), 3600)
+        await store.accept_message(InboxEntry("om_2", "c1", "{}", received_at=2), 3600)
+        await store.inbox_reject("om_1", "payload is not valid JSON")
+        await store.inbox_reject("om_unknown", "never there")
+        assert [e.message_id for e in await store.inbox_list()] == ["om_2"]
+        # Set aside, not forgotten: a redelivery of the same message is still a duplicate.
+        again = InboxEntry("om_1", "c1", "not json", received_at=3)
+        assert await store.accept_message(again, 3600) is False
+        assert [e.message_id for e in await store.inbox_list()] == ["om_2"]
+
+    # ---- recording a delivered answer ----------------------------------------------------
+
+    async def test_complete_message_saves_turns_and_usage_and_clears_the_inbox_atomically(
+        self, store: Store
+    ) -> None:
+        for message_id, at in (("om_1", 1), ("om_2", 2), ("om_3", 3)):
+            await store.accept_message(InboxEntry(message_id, "c1", "{}", received_at=at), 3600)
+        await store.add_usage("2026-11-25", "ou_1", "k1", 10, 5)
+        answer = [
+            turn("c1", "user", "first part\nsecond part", 4),
+            turn("c1", "assistant", "one answer to both", 5),
+        ]
+        usage = UsageRecord("2026-11-25", "ou_1", "k1", prompt_tokens=30, completion_tokens=8)
+
+        await store.complete_message(["om_1", "om_2"], answer, usage)
+
+        assert await store.load_turns("c1") == answer
+        (row,) = await store.usage_for_day("2026-11-25")
+        assert (row.requests, row.prompt_tokens, row.completion_tokens) == (2, 40, 13)
+        assert [e.message_id for e in await store.inbox_list()] == ["om_3"]
+
+        await store.complete_message(["om_3", "om_gone"], [turn("c1", "user", "x", 6)], None)
+        assert await store.inbox_list() == []
+        assert len(await store.load_turns("c1")) == 3
+        assert (await store.usage_for_day("2026-11-25"))[0].requests == 2
+
+    async def test_complete_message_writes_nothing_when_it_fails(self, store: Store) -> None:
+        await store.accept_message(InboxEntry("om_1", "c1", "{}", received_at=1), 3600)
+        broken = [
+            turn("c1", "user", "question", 2),
+            turn("c1", "robot", "not a role any store accepts", 3),
+        ]
+        usage = UsageRecord("2026-11-25", "ou_1", "k1", prompt_tokens=30, completion_tokens=8)
+
+        with pytest.raises(StoreError):
+            await store.complete_message(["om_1"], broken, usage)
+
+        assert await store.load_turns("c1") == []
+        assert await store.usage_for_day("2026-11-25") == []
+        assert [e.message_id for e in await store.inbox_list()] == ["om_1"]
+        # The store is still usable: the next answer is recorded.
+        await store.complete_message(["om_1"], broken[:1], usage)
+        assert [t.content for t in await store.load_turns("c1")] == ["question"]
+        assert await store.inbox_list() == []

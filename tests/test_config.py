@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lark_oapi.client import _validate_domain as sdk_validate_domain
 
 from bot.config import load_settings, parse_settings, resolve_config_path
 from bot.errors import ConfigError
@@ -61,6 +64,126 @@ def test_bad_url_is_named() -> None:
     assert problem.startswith("llm.base_url: must be an http(s) URL")
     (problem,) = problems_of({"store": {"url": "postgres://x"}})
     assert problem.startswith("store.url: must start with sqlite:/// or redis://")
+
+
+def test_history_retention_defaults_to_90_days_and_0_keeps_it_forever() -> None:
+    assert parse_settings({}).chat.history_retention_days == 90
+    assert parse_settings({"chat": {"history_retention_days": 0}}).chat.history_retention_days == 0
+    assert parse_settings({"chat": {"history_retention_days": 0.5}}).chat.history_retention_days
+    (problem,) = problems_of({"chat": {"history_retention_days": -1}})
+    assert problem.startswith("chat.history_retention_days: input should be greater than")
+
+
+# ---- feishu.domain: only what the SDK will accept ---------------------------------------
+
+
+def domain_problem(domain: str) -> str:
+    (problem,) = problems_of({"feishu": {"domain": domain}})
+    prefix = (
+        "feishu.domain: must be https://open.feishu.cn or https://open.larksuite.com "
+        "(or http:// for a local test server), got "
+    )
+    assert problem.startswith(prefix)
+    return problem.removeprefix(prefix)
+
+
+@pytest.mark.parametrize(
+    ("written", "used"),
+    [
+        ("https://open.feishu.cn", "https://open.feishu.cn"),
+        ("https://open.larksuite.com/", "https://open.larksuite.com"),
+        ("HTTPS://Open.Feishu.CN:443", "https://open.feishu.cn:443"),
+        ("http://127.0.0.1:8123", "http://127.0.0.1:8123"),
+        ("http://localhost:8123/", "http://localhost:8123"),
+        ("http://[::1]:8123", "http://[::1]:8123"),
+    ],
+)
+def test_a_feishu_domain_is_an_origin_the_sdk_accepts(written: str, used: str) -> None:
+    domain = parse_settings({"feishu": {"domain": written}}).feishu.domain
+    assert domain == used
+    sdk_validate_domain(domain)
+
+
+@pytest.mark.parametrize(
+    ("domain", "reason"),
+    [
+        ("open.feishu.cn", "'open.feishu.cn': it must start with https://"),
+        ("ftp://open.feishu.cn", "'ftp://open.feishu.cn': it must start with https://"),
+        ("", "'': it is empty"),
+        ("https://", "'https://': the host name is missing"),
+        ("https://open feishu.cn", "'https://open feishu.cn': 'open feishu.cn' is not a host name"),
+        (
+            "https://open.feishu.cn:99999",
+            "'https://open.feishu.cn:99999': it is not a valid URL "
+            "(check the port and any [IPv6] address)",
+        ),
+        (
+            "https://open.feishu.cn/open-apis",
+            "'https://open.feishu.cn/open-apis': write only the scheme and host, "
+            "without a path, '?' or '#'",
+        ),
+        (
+            "https://open.feishu.cn?lang=zh",
+            "'https://open.feishu.cn?lang=zh': write only the scheme and host, "
+            "without a path, '?' or '#'",
+        ),
+        (
+            "https://open.feishu.cn#top",
+            "'https://open.feishu.cn#top': write only the scheme and host, "
+            "without a path, '?' or '#'",
+        ),
+        (
+            "http://open.feishu.cn",
+            "'http://open.feishu.cn': http:// is only for a local server "
+            "(127.0.0.1, ::1 or localhost)",
+        ),
+        (
+            "http://127.0.0.2:8123",
+            "'http://127.0.0.2:8123': http:// is only for a local server "
+            "(127.0.0.1, ::1 or localhost)",
+        ),
+    ],
+)
+def test_a_feishu_domain_the_sdk_would_refuse_is_named_with_the_fix(
+    domain: str, reason: str
+) -> None:
+    assert domain_problem(domain) == reason
+
+
+def test_a_feishu_domain_with_credentials_is_refused_without_echoing_them() -> None:
+    problem = domain_problem("https://app:s3cr3t-pw@open.feishu.cn")
+    assert problem == (
+        "'https://***@open.feishu.cn': credentials do not belong in the domain; "
+        "remove the part before '@'"
+    )
+    broken = domain_problem("https://app:s3cr3t-pw@open.feishu.cn:99999/x")
+    assert "s3cr3t" not in broken
+    assert "app:" not in broken
+
+
+# Mostly well-formed parts (repeated to weigh them) with every kind of flaw mixed in.
+domains = st.tuples(
+    st.sampled_from(["https", "https", "https", "http", "http", "HTTPS", "ftp", ""]),
+    st.sampled_from(["://", "://", "://", "://", ":/", ":", ""]),
+    st.sampled_from(["", "", "", "", "", "app:pw@", "@"]),
+    st.one_of(
+        st.sampled_from(["open.feishu.cn", "localhost", "LocalHost", "127.0.0.1", "[::1]"]),
+        st.sampled_from(["127.0.0.2", "[fe80::1]", "[::1", "::1", "localhost.", "a..b", ""]),
+        st.from_regex(r"[a-zA-Z0-9._ \-]{1,12}", fullmatch=True),
+    ),
+    st.sampled_from(["", "", "", ":443", ":8123", ":0", ":99999", ":x", ":"]),
+    st.sampled_from(["", "", "", "/", "/", "//", "/open-apis", "?", "?q=1", "#f", " "]),
+).map("".join)
+
+
+@settings(max_examples=300)
+@given(domains)
+def test_every_feishu_domain_the_config_accepts_the_sdk_accepts_too(domain: str) -> None:
+    try:
+        settings = parse_settings({"feishu": {"domain": domain}})
+    except ConfigError:
+        return
+    sdk_validate_domain(settings.feishu.domain)
 
 
 def test_several_problems_give_one_line_each() -> None:
@@ -147,6 +270,27 @@ def test_cli_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "settings.yaml: YAML syntax error at line 3, column 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_config_that_is_not_utf8_exits_2_with_one_line(tmp_path: Path) -> None:
+    latin1 = "chat:\n  system_prompt: Caf\u00e9\n".encode("latin-1")  # é is the byte 0xe9
+    (tmp_path / "settings.yaml").write_bytes(latin1)
+    result = run_bot("run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: settings.yaml: is not UTF-8 text (byte 0xe9 at position 26): save it as UTF-8"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_config_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"\xff\xfel\x00l\x00m\x00:\x00")  # saved as UTF-16 by an editor
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert caught.value.problems == [
+        f"{path}: is not UTF-8 text (byte 0xff at position 0): save it as UTF-8"
+    ]
 
 
 def test_cli_invalid_field_names_it_and_exits_2(tmp_path: Path) -> None:

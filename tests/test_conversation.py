@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat.service import ReplyDelta
+from bot.chat.replies import ReplyDelta
 from bot.llm.keypool import key_id_of
 from bot.logging import configure_logging
 from tests.chat_harness import KEY_A, KEY_B, ChatHarness, FakeTime, collect, make_settings
@@ -72,7 +72,7 @@ async def test_answer_streams_in_pieces_and_finishes_with_the_whole_text(
     assert answer.streamed == "Hello! How can I help you today?"
     assert answer.finished is not None
     assert answer.finished.text == answer.streamed
-    assert answer.finished.usage is not None
+    assert answer.finished.exchange.usage is not None
 
 
 async def test_multi_turn_history_reaches_the_llm_in_order(
@@ -349,7 +349,7 @@ async def test_each_user_sticks_to_one_key(bot: ChatHarness, fake: FakeOpenAI) -
     assert {r.key for r in fake.requests} == {KEY_A, KEY_B}  # users spread over keys
 
 
-async def test_broken_stream_keeps_the_partial_text_with_a_note_and_no_retry(
+async def test_broken_stream_keeps_the_partial_exchange_marked_cut_so_continue_works(
     bot: ChatHarness, fake: FakeOpenAI
 ) -> None:
     fake.enqueue(ResetAfter(chunks=2))
@@ -361,7 +361,56 @@ async def test_broken_stream_keeps_the_partial_text_with_a_note_and_no_retry(
     assert "cut off" in (answer.finished.note or "")
     assert len(fake.requests) == 1
     history = await bot.store.load_turns("c1")
-    assert history == []  # an incomplete exchange is not saved
+    assert [(t.role, t.content, t.status) for t in history] == [
+        ("user", "tell me the alphabet", "complete"),
+        ("assistant", "abcdefgh", "cut"),
+    ]
+    await bot.ask("continue")
+    assert [m["content"] for m in fake.requests[-1].messages][1:] == [
+        "tell me the alphabet",
+        "abcdefgh",
+        "continue",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "note"),
+    [("length", "length limit"), ("content_filter", "content filter")],
+)
+async def test_an_answer_stopped_early_by_the_provider_says_so(
+    bot: ChatHarness, fake: FakeOpenAI, finish_reason: str, note: str
+) -> None:
+    fake.enqueue(Reply(text="partial answer", finish_reason=finish_reason))
+    answer = await bot.ask("write a novel")
+    assert answer.finished is not None
+    assert answer.finished.text == "partial answer"
+    assert note in (answer.finished.note or "")
+    assert answer.finished.complete is False
+
+
+async def test_nothing_is_saved_until_the_reply_is_committed(
+    bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    reply = bot.service.handle(bot.message("not delivered"))
+    events = [event async for event in reply]
+    assert events
+    await reply.aclose()  # the transport could not deliver it
+    assert await bot.store.load_turns("c1") == []
+    assert await bot.store.usage_for_day("2025-11-24") == []
+
+
+async def test_the_next_message_waits_until_the_previous_reply_is_committed(
+    bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    first = bot.service.handle(bot.message("first"))
+    second = bot.service.handle(bot.message("second"))
+    _ = [event async for event in first]  # streamed, but not delivered yet
+    assert second.queued
+    await first.commit()
+    assert not second.queued
+    assert (await collect(second)).text == "echo: second"
+    prompt = [m["content"] for m in fake.requests[-1].messages][1:]
+    assert prompt == ["first", "echo: first", "second"]
 
 
 async def test_servers_that_reject_stream_options_are_remembered(

@@ -281,7 +281,7 @@ def test_sigterm_exits_0_after_finishing_the_answer_in_progress(world: World) ->
     assert world.wait_for_final_reply(message) == "echo: finish me"
 
 
-def test_an_answer_longer_than_the_grace_period_is_cut_short_with_a_note(
+def test_an_answer_longer_than_the_grace_period_is_cut_short_with_a_note_and_kept(
     tmp_path: Path,
 ) -> None:
     for world in make_world(tmp_path, feishu={"shutdown_grace_s": 0}):
@@ -292,8 +292,11 @@ def test_an_answer_longer_than_the_grace_period_is_cut_short_with_a_note(
         bot.signal(signal.SIGTERM)
         assert bot.wait(timeout=30) == 0
         final = world.wait_for_final_reply(message)
-        assert "cut short" in final
+        assert "will be finished in this card when the bot is back" in final
         held.release()
+        world.start_bot()
+        assert world.wait_for_final_reply(message, containing="echo: never finishing")
+        assert len(world.replies(message)) == 1
 
 
 def test_wrong_app_secret_is_one_clear_error_and_exit_1(world: World, tmp_path: Path) -> None:

@@ -1,18 +1,86 @@
-"""Mapping Feishu messages for the service, and the store-backed dedup the channel uses."""
+"""Mapping Feishu messages for the service: conversations, mentions, posts, broken input, inbox."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
+import re
 from pathlib import Path
+from typing import Any
 
+import pytest
 from lark_oapi.channel import Conversation, Identity, InboundMessage, Mention
+from lark_oapi.channel.normalize.pipeline import InboundPipeline, PipelineConfig, PipelineDeps
+from lark_oapi.event.dispatcher_handler import EventDispatcherHandler
 
-from bot.feishu.dedup import StoreDedup
-from bot.feishu.messages import FeishuMessage, conversation_key, from_inbound, strip_bot_mention
-from bot.store import SQLiteStore
+from bot.feishu.messages import (
+    FeishuMessage,
+    InboxPayloadError,
+    conversation_key,
+    from_inbound,
+    strip_bot_mention,
+)
 
 BOT = "ou_bot"
+SAMPLE_BOT = "ou_bot_open_id"  # the bot's open_id in tests/fakes/samples
+SAMPLES = Path(__file__).parent / "fakes" / "samples"
+
+
+def sample(name: str) -> dict[str, Any]:
+    """A recorded ``im.message.receive_v1`` event (a fresh copy to change)."""
+    event: dict[str, Any] = json.loads((SAMPLES / f"{name}.json").read_text(encoding="utf-8"))
+    return event
+
+
+def post_event(*paragraphs: list[dict[str, Any]], title: str = "") -> dict[str, Any]:
+    """The p2p post sample with other content (paragraphs of post elements)."""
+    event = sample("p2p_post")
+    event["event"]["message"]["content"] = json.dumps({"title": title, "content": list(paragraphs)})
+    return event
+
+
+def through_the_channel(payload: bytes) -> InboundMessage | None:
+    """What ``FeishuChannel`` hands the bot for this event frame, computed in-process.
+
+    The same steps as the channel: the SDK's event dispatcher parses the frame (as
+    ``lark_oapi.ws.Client`` does with a data frame) and the channel's inbound pipeline
+    normalises it. Nothing goes to the network: fetching a message (merge_forward, cards)
+    gives ``{}`` and names resolve to none. Exceptions are the SDK's: the channel logs them
+    and drops the event.
+    """
+    received: list[Any] = []
+    dispatcher = (
+        EventDispatcherHandler.builder("", "")
+        .register_p2_im_message_receive_v1(received.append)
+        .build()
+    )
+    dispatcher._do_without_validation(payload)
+    if not received or received[0].event is None or received[0].event.message is None:
+        return None  # the channel ignores an event without a message
+
+    async def fetch_message(message_id: str) -> dict[str, Any]:
+        return {}
+
+    pipeline = InboundPipeline(
+        PipelineConfig(),
+        PipelineDeps(fetch_message=fetch_message, resolve_names=lambda ids: {}),
+    )
+    event = received[0]
+    inbound: InboundMessage | None = asyncio.run(
+        pipeline.process(
+            event_id=getattr(event.header, "event_id", None),
+            message_event=event.event.message,
+            sender=event.event.sender,
+        )
+    )
+    return inbound
+
+
+def mapped(event: dict[str, Any], bot_open_id: str = SAMPLE_BOT) -> FeishuMessage:
+    """The bot's view of a recorded event, through the channel."""
+    inbound = through_the_channel(json.dumps(event).encode("utf-8"))
+    assert inbound is not None
+    return from_inbound(inbound, bot_open_id)
 
 
 def inbound(
@@ -66,32 +134,160 @@ def test_a_group_message_maps_to_its_thread_with_the_mention_stripped() -> None:
     assert message.kind == "text"
 
 
+def test_a_recorded_group_reply_maps_to_its_thread_through_the_channel() -> None:
+    message = mapped(sample("group_thread_reply"))
+    assert message.conversation_id == "group:oc_group:om_a1"
+    assert message.text == "and shorter?"
+    assert message.kind == "text"
+
+
 def test_media_is_marked_unsupported_and_described() -> None:
     message = from_inbound(inbound('<file key="k" name="a.pdf"/>', message_type="file"), BOT)
     assert message.kind == "unsupported"
     assert message.text == ""
     assert message.describe_type() == "a file"
+    assert mapped(sample("p2p_image")).describe_type() == "an image"
+
+
+def test_a_post_keeps_its_text_and_code_and_drops_its_images() -> None:
+    message = mapped(sample("p2p_post"))  # title, text, a code block and an image
+    assert message.kind == "text"
+    assert message.text == "# Question\n\nExplain this code: \n\n```python\nprint(1)\n```"
+
+
+def test_a_post_of_only_images_is_answered_like_an_image() -> None:
+    message = mapped(
+        post_event([{"tag": "img", "image_key": "img_v3_a"}], [{"tag": "img", "image_key": "k2"}])
+    )
+    assert message.kind == "unsupported"
+    assert message.text == ""
+    assert message.describe_type() == "an image"
+
+
+def test_a_group_post_of_the_bots_mention_and_an_image_is_answered_like_an_image() -> None:
+    event = post_event(
+        [{"tag": "at", "user_id": SAMPLE_BOT, "user_name": "GPT Bot"}],
+        [{"tag": "img", "image_key": "img_v3_a"}],
+    )
+    event["event"]["message"]["chat_type"] = "group"
+    event["event"]["message"]["mentions"] = sample("group_text_mention")["event"]["message"][
+        "mentions"
+    ]
+    message = mapped(event)
+    assert (message.kind, message.describe_type()) == ("unsupported", "an image")
+
+
+def test_a_post_of_only_a_video_is_answered_like_a_video() -> None:
+    message = mapped(post_event([{"tag": "media", "file_key": "file_v3_a", "image_key": "i"}]))
+    assert (message.kind, message.describe_type()) == ("unsupported", "a video")
+
+
+def test_image_markdown_the_user_typed_in_a_post_is_kept() -> None:
+    message = mapped(
+        post_event(
+            [{"tag": "text", "text": "why does ![image](https://x.test/a.png) not show?"}],
+            [{"tag": "img", "image_key": "img_v3_a"}],
+        )
+    )
+    assert message.text == "why does ![image](https://x.test/a.png) not show?"
+
+
+def test_a_lone_surrogate_in_the_event_is_replaced_not_dropped() -> None:
+    event = sample("group_thread_reply")
+    event["event"]["message"]["content"] = '{"text": "@_user_1 x\\ud800y"}'
+    payload = json.dumps(event).replace("oc_group", "oc_\\udfffgroup").encode("utf-8")
+    inbound = through_the_channel(payload)
+    assert inbound is not None
+    message = from_inbound(inbound, SAMPLE_BOT)
+    assert message.text == "x\ufffdy"
+    assert message.chat_id == "oc_\ufffdgroup"
+    assert message.conversation_id == "group:oc_\ufffdgroup:om_a1"
+    assert FeishuMessage.from_json(message.to_json()) == message
+    message.to_json().encode("utf-8")  # valid UTF-8 throughout
+
+
+def test_every_text_field_is_made_valid_unicode() -> None:
+    message = FeishuMessage(
+        message_id="om_\ud800",
+        chat_id="oc",
+        chat_type="p2p",
+        sender_open_id="ou_\udc00",
+        conversation_id="p2p:ou",
+        kind="text",
+        message_type="text",
+        text="split pair \ud83d\ude00, lone \ud83d",
+        create_time_ms=0,
+        in_group=False,
+    )
+    assert (message.message_id, message.sender_open_id) == ("om_\ufffd", "ou_\ufffd")
+    assert message.text == "split pair \U0001f600, lone \ufffd"
+    message.to_json().encode("utf-8")
 
 
 def test_a_message_survives_the_inbox_round_trip() -> None:
     message = from_inbound(inbound("你好"), BOT)
     assert FeishuMessage.from_json(message.to_json()) == message
+    image_post = mapped(post_event([{"tag": "img", "image_key": "img_v3_a"}]))
+    assert FeishuMessage.from_json(image_post.to_json()).describe_type() == "an image"
 
 
-async def test_the_channels_dedup_marks_persist_in_the_store(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "bot.db")
-    await store.open()
-    dedup = StoreDedup(store, asyncio.get_running_loop())
-    results: dict[str, bool] = {}
+def test_an_inbox_payload_ignores_unknown_fields_and_defaults_missing_optional_ones() -> None:
+    payload = {
+        "message_id": "om_1",
+        "chat_id": "oc_1",
+        "sender_open_id": "ou_a",
+        "conversation_id": "group:oc_1:om_1",
+        "kind": "text",
+        "text": "hi",
+        "added_by_a_later_version": {"x": 1},
+    }
+    message = FeishuMessage.from_json(json.dumps(payload))
+    assert message.text == "hi"
+    assert (message.chat_type, message.in_group) == ("group", True)
+    assert (message.create_time_ms, message.message_type, message.describe_as) == (0, "", "")
 
-    def channel_thread() -> None:  # the SDK calls seen/mark synchronously from its own thread
-        results["before"] = dedup.seen("msg:cli:om_1")
-        dedup.mark("msg:cli:om_1", 60)  # fire and forget; the store serialises its work
-        results["after"] = dedup.seen("msg:cli:om_1")
 
-    thread = threading.Thread(target=channel_thread)
-    thread.start()
-    await asyncio.to_thread(thread.join)
-    assert results == {"before": False, "after": True}
-    assert await store.is_seen("msg:cli:om_1")
-    await store.close()
+def _valid_payload() -> dict[str, Any]:
+    payload: dict[str, Any] = json.loads(from_inbound(inbound("hi"), BOT).to_json())
+    return payload
+
+
+def _without(name: str) -> str:
+    payload = _valid_payload()
+    del payload[name]
+    return json.dumps(payload)
+
+
+def _with(name: str, value: Any) -> str:
+    payload = _valid_payload()
+    payload[name] = value
+    return json.dumps(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ("{not json", "not JSON"),
+        ("", "not JSON"),
+        ("[" * 100_000, "not JSON"),
+        ('["om_1"]', "not a JSON object but an array"),
+        ("null", "not a JSON object but null"),
+        (_without("message_id"), "message_id: missing"),
+        (_without("text"), "text: missing"),
+        (_with("text", 5), "text: expected a string, got a number"),
+        (_with("chat_id", None), "chat_id: expected a string, got null"),
+        (_with("kind", "video"), "kind: expected 'text' or 'unsupported'"),
+        (_with("create_time_ms", "1764000000000"), "create_time_ms: expected an integer"),
+        (_with("create_time_ms", True), "create_time_ms: expected an integer, got a boolean"),
+        (_with("in_group", "yes"), "in_group: expected true or false, got a string"),
+    ],
+)
+def test_an_unreadable_inbox_payload_raises_one_error_type_with_the_reason(
+    payload: str, reason: str
+) -> None:
+    with pytest.raises(InboxPayloadError, match=re.escape(reason)):
+        FeishuMessage.from_json(payload)
+
+
+def test_an_unreadable_inbox_payload_is_a_value_error() -> None:
+    assert issubclass(InboxPayloadError, ValueError)

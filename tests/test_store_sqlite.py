@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bot.config import parse_settings
 from bot.errors import ConfigError, StoreError
-from bot.store import SQLiteStore, create_store
+from bot.store import InboxEntry, SQLiteStore, create_store
 from bot.store.sqlite import MIGRATIONS
 from tests.store_contract import FakeClock, StoreContract, turn
 
@@ -77,6 +79,75 @@ async def test_a_newer_schema_is_refused_with_advice(tmp_path: Path) -> None:
         await store.open()
 
 
+async def test_a_version_1_database_is_migrated_and_its_rows_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "bot.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(MIGRATIONS[0])
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute(
+            "INSERT INTO turns (conversation_id, role, content, created_at, tokens)"
+            " VALUES ('c', 'user', 'from the old bot', 1.0, 4)"
+        )
+        connection.execute(
+            "INSERT INTO inbox (message_id, conversation_id, payload, received_at)"
+            " VALUES ('om_old', 'c', '{}', 2.0)"
+        )
+    connection.close()
+
+    store = SQLiteStore(path)
+    await store.open()
+    assert await store.load_turns("c") == [turn("c", "user", "from the old bot", 1.0, tokens=4)]
+    assert (await store.load_turns("c"))[0].status == "complete"
+    assert await store.inbox_list() == [InboxEntry("om_old", "c", "{}", 2.0, delivery=None)]
+    await store.inbox_set_delivery("om_old", '{"card": "om_c"}')
+    assert (await store.inbox_list())[0].delivery == '{"card": "om_c"}'
+    await store.close()
+
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM turns WHERE created_at < 5"
+        ).fetchall()
+        assert "turns_by_age" in str([tuple(row) for row in plan])
+    connection.close()
+
+
+async def test_a_rejected_inbox_row_is_kept_with_its_reason_and_time(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    await store.accept_message(InboxEntry("om_1", "c1", "garbled", received_at=5.0), 3600)
+    clock.advance(60)
+    await store.inbox_reject("om_1", "payload is not valid JSON")
+    with sqlite3.connect(store.path) as connection:
+        rows = connection.execute("SELECT * FROM inbox_rejected").fetchall()
+    connection.close()
+    assert rows == [("om_1", "c1", "garbled", 5.0, "payload is not valid JSON", clock.now)]
+
+
+async def test_load_recent_turns_does_not_read_a_long_history_in_full(
+    store: SQLiteStore,
+) -> None:
+    history = [turn("long", "user", f"m{index:05}", index, tokens=10) for index in range(10_000)]
+    await store.complete_message([], history, None)
+    connection = store._db()
+    steps = 0
+
+    def count_step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # 0 = go on
+
+    connection.set_progress_handler(count_step, 100)
+    recent = await store.load_recent_turns("long", 100)
+    recent_steps, steps = steps, 0
+    everything = await store.load_turns("long")
+    connection.set_progress_handler(None, 0)
+
+    assert recent == history[-10:]
+    assert len(everything) == 10_000
+    assert recent_steps * 20 < steps
+
+
 async def test_using_a_closed_store_is_a_clear_error(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "bot.db")
     with pytest.raises(StoreError, match="not open"):
@@ -96,16 +167,43 @@ def test_factory_refuses_a_backend_this_version_lacks() -> None:
         create_store(settings.store)
 
 
-async def test_the_running_bot_purges_expired_dedup_marks(
+class PruneWatcher:
+    """The store, plus an event set once the bot's housekeeping has pruned old turns."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self.pruned = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def prune_turns(self, older_than: float) -> int:
+        removed = await self._store.prune_turns(older_than)
+        self.pruned.set()
+        return removed
+
+
+async def test_the_running_bot_purges_expired_dedup_marks_and_old_turns(
     store: SQLiteStore, clock: FakeClock
 ) -> None:
-    from bot.feishu.runner import _purge_expired_marks
+    from bot.feishu.runner import _housekeeping
 
+    day = 86_400.0
     await store.mark_seen("msg:old", ttl_s=10)
     await store.mark_seen("msg:fresh", ttl_s=1000)
+    await store.append_turn(turn("c", "user", "four months ago", clock.now - 120 * day))
+    await store.append_turn(turn("c", "user", "last week", clock.now - 7 * day))
     clock.advance(20)
-    housekeeping = asyncio.create_task(_purge_expired_marks(store, every_s=3600))
-    await asyncio.sleep(0)  # its first purge is queued on the store's single thread first
-    assert await store.purge_expired() == 0
-    assert await store.is_seen("msg:fresh")
+    watcher = PruneWatcher(store)
+
+    housekeeping = asyncio.create_task(
+        _housekeeping(watcher, retention_days=90, every_s=3600, clock=clock)
+    )
+    await watcher.pruned.wait()
     housekeeping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await housekeeping
+
+    assert await store.purge_expired() == 0  # the housekeeping did it
+    assert await store.is_seen("msg:fresh")
+    assert [t.content for t in await store.load_turns("c")] == ["last week"]

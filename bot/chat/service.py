@@ -1,14 +1,14 @@
 """The conversation service: one message in, a stream of reply events out; knows no transport.
 
 For each message: wait for its turn in its conversation (messages of one conversation are answered
-one at a time, in the order :meth:`ConversationService.handle` was called; conversations run
-concurrently), run a command or load the history, build the prompt within the token budget, stream
-the LLM's answer, and save the exchange only when the answer completed.
+one at a time, in the order :meth:`ConversationService.handle` was called, each only after the
+previous reply was committed or closed; conversations run concurrently), run a command or load the
+newest history that fits the token budget, build the prompt, and stream the LLM's answer. The
+exchange is saved by :meth:`Reply.commit` once the transport delivered it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -19,12 +19,23 @@ from structlog.stdlib import BoundLogger
 
 from bot.chat.commands import HELP_TEXT, CommandName, parse_command, unknown_command_text
 from bot.chat.history import build_prompt
+from bot.chat.ordering import ConversationQueue
+from bot.chat.ordering import Turn as QueueTurn
+from bot.chat.replies import (
+    Exchange,
+    Reply,
+    ReplyDelta,
+    ReplyEvent,
+    ReplyFailed,
+    ReplyFinished,
+    ReplyNotice,
+)
 from bot.chat.tokens import estimate_message_tokens, estimate_tokens
 from bot.config import ChatSettings
 from bot.errors import AllKeysUnavailable, LLMError, ReplyInterrupted, RequestRejected
 from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
 from bot.logging import contains_api_key, get_logger
-from bot.store import Store, Turn
+from bot.store import Store, Turn, TurnStatus, UsageRecord
 
 log = get_logger(__name__)
 
@@ -47,44 +58,6 @@ class IncomingMessage:
     message_id: str
 
 
-@dataclass(frozen=True)
-class ReplyDelta:
-    """More text of the answer."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ReplyNotice:
-    """Something the user should see while waiting (shown beside the answer, not part of it)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ReplyFinished:
-    """The reply is over. ``text`` is the whole answer; ``note`` is shown after it.
-
-    ``complete`` is False when the stream broke after some text (then ``note`` says so).
-    """
-
-    text: str
-    usage: TokenUsage | None = None
-    note: str | None = None
-    complete: bool = True
-
-
-@dataclass(frozen=True)
-class ReplyFailed:
-    """No answer could be produced; ``message`` is short, polite and safe to show."""
-
-    message: str
-    reason: str
-
-
-ReplyEvent = ReplyDelta | ReplyNotice | ReplyFinished | ReplyFailed
-
-
 class ChatModel(Protocol):
     """What the service needs of an LLM client (see :class:`bot.llm.client.LLMClient`)."""
 
@@ -97,53 +70,6 @@ class ChatModel(Protocol):
         temperature: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Stream the answer to ``messages``."""
-
-
-class _Turn:
-    """A message's place in its conversation's queue."""
-
-    def __init__(self, previous: asyncio.Future[None] | None) -> None:
-        self._previous = previous
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def wait(self) -> None:
-        if self._previous is not None:
-            await asyncio.shield(self._previous)
-
-    def finish(self) -> None:
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-
-class Reply:
-    """The reply events to one message; iterate it to the end or ``aclose()`` it.
-
-    Its place in the conversation's queue is taken when it is created, so replies are ordered by
-    arrival even if their consumers start late.
-    """
-
-    def __init__(self, events: AsyncIterator[ReplyEvent], turn: _Turn) -> None:
-        self._events = events
-        self._turn = turn
-
-    def __aiter__(self) -> Reply:
-        return self
-
-    async def __anext__(self) -> ReplyEvent:
-        try:
-            return await self._events.__anext__()
-        except BaseException:
-            self._turn.finish()
-            raise
-
-    async def aclose(self) -> None:
-        """Stop early (cancels the LLM request) and let the next message of the conversation go."""
-        try:
-            aclose = getattr(self._events, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._turn.finish()
 
 
 class ConversationService:
@@ -163,29 +89,17 @@ class ConversationService:
         self._settings = settings
         self._clock = clock
         self._model = model
-        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._queue = ConversationQueue()
 
     def handle(self, message: IncomingMessage) -> Reply:
         """Queue ``message`` in its conversation and return its reply events."""
-        previous = self._tails.get(message.conversation_id)
-        turn = _Turn(previous)
-        self._tails[message.conversation_id] = turn.finished
-        turn.finished.add_done_callback(
-            lambda finished: self._forget_tail(message.conversation_id, finished)
-        )
-        return Reply(self._answer(message, turn), turn)
+        turn = self._queue.take_turn(message.conversation_id)
+        return Reply(self._answer(message, turn), turn, self._store)
 
-    def _forget_tail(self, conversation_id: str, finished: asyncio.Future[None]) -> None:
-        if self._tails.get(conversation_id) is finished:
-            del self._tails[conversation_id]
-
-    async def _answer(self, message: IncomingMessage, turn: _Turn) -> AsyncIterator[ReplyEvent]:
-        try:
-            await turn.wait()
-            async for event in self._respond(message):
-                yield event
-        finally:
-            turn.finish()
+    async def _answer(self, message: IncomingMessage, turn: QueueTurn) -> AsyncIterator[ReplyEvent]:
+        await turn.wait()
+        async for event in self._respond(message):
+            yield event
 
     async def _respond(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         bound = log.bind(conversation=message.conversation_id, message_id=message.message_id)
@@ -240,18 +154,22 @@ class ConversationService:
         self, message: IncomingMessage, prompt: list[ChatMessage], bound: BoundLogger
     ) -> AsyncIterator[ReplyEvent]:
         answer = ""
+        key_id = ""
         try:
             async for event in self._llm.stream(prompt, user_id=message.user_id, model=self._model):
                 if isinstance(event, TextDelta):
                     answer += event.text
                     yield ReplyDelta(event.text)
                 elif isinstance(event, Completed):
+                    key_id = event.key_id
                     usage = event.usage or _estimate_usage(prompt, answer)
-                    await self._save_exchange(message, answer, usage, event.key_id)
+                    note = _finish_note(event.finish_reason, answer)
+                    complete = event.finish_reason not in _STOPPED_EARLY
                     yield ReplyFinished(
                         answer,
-                        usage=usage,
-                        note=None if answer else "(The model returned an empty answer.)",
+                        note=note,
+                        complete=complete,
+                        exchange=self._exchange(message, answer, usage, key_id, complete),
                     )
                 else:
                     yield ReplyNotice(
@@ -259,12 +177,16 @@ class ConversationService:
                         f"{max(1, round(event.seconds))} s."
                     )
         except ReplyInterrupted as exc:
-            bound.warning("reply_interrupted", chars=len(str(exc) or answer))
+            partial = str(exc) or answer
+            bound.warning("reply_interrupted", chars=len(partial))
             yield ReplyFinished(
-                str(exc) or answer,
+                partial,
                 note="(The answer was cut off: the connection to the model broke. "
                 "Ask me to continue.)",
                 complete=False,
+                exchange=self._exchange(
+                    message, partial, _estimate_usage(prompt, partial), key_id, complete=False
+                ),
             )
         except AllKeysUnavailable as exc:
             bound.warning("reply_failed", reason=str(exc))
@@ -279,30 +201,52 @@ class ConversationService:
             )
 
     async def _load_history(self, conversation_id: str) -> list[Turn]:
-        turns = await self._store.load_turns(conversation_id)
+        budget = self._settings.max_history_tokens
+        turns = await self._store.load_recent_turns(conversation_id, budget)
         idle_minutes = self._settings.idle_reset_minutes
         if turns and idle_minutes and self._clock() - turns[-1].created_at > idle_minutes * 60:
             await self._store.clear_conversation(conversation_id)
-            log.info("conversation_idle_reset", conversation=conversation_id, turns=len(turns))
+            log.info("conversation_idle_reset", conversation=conversation_id)
             return []
         return turns
 
-    async def _save_exchange(
-        self, message: IncomingMessage, answer: str, usage: TokenUsage, key_id: str
-    ) -> None:
+    def _exchange(
+        self,
+        message: IncomingMessage,
+        answer: str,
+        usage: TokenUsage,
+        key_id: str,
+        complete: bool,
+    ) -> Exchange:
+        """The turns and usage to save once the answer was delivered."""
         now = self._clock()
-        user_turn = Turn(
-            message.conversation_id, "user", message.text.strip(), now, _tokens(message.text)
-        )
-        await self._store.append_turn(user_turn)
+        turns = [
+            Turn(message.conversation_id, "user", message.text.strip(), now, _tokens(message.text))
+        ]
         if answer:
-            await self._store.append_turn(
-                Turn(message.conversation_id, "assistant", answer, now, _tokens(answer))
+            status: TurnStatus = "complete" if complete else "cut"
+            turns.append(
+                Turn(message.conversation_id, "assistant", answer, now, _tokens(answer), status)
             )
         day = datetime.fromtimestamp(now).strftime("%Y-%m-%d")
-        await self._store.add_usage(
+        record = UsageRecord(
             day, message.user_id, key_id, usage.prompt_tokens, usage.completion_tokens
         )
+        return Exchange(tuple(turns), record if key_id else None)
+
+
+#: finish reasons after which the answer is not the whole answer
+_STOPPED_EARLY = frozenset({"length", "content_filter"})
+
+
+def _finish_note(finish_reason: str | None, answer: str) -> str | None:
+    if finish_reason == "length":
+        return "(The answer reached the model's length limit. Ask me to continue.)"
+    if finish_reason == "content_filter":
+        return "(The provider's content filter stopped this answer.)"
+    if not answer:
+        return "(The model returned an empty answer.)"
+    return None
 
 
 def _tokens(text: str) -> int:

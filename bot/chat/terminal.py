@@ -15,14 +15,8 @@ import sys
 from typing import TextIO
 
 from bot import signals
-from bot.chat.service import (
-    ConversationService,
-    IncomingMessage,
-    ReplyDelta,
-    ReplyFailed,
-    ReplyFinished,
-    ReplyNotice,
-)
+from bot.chat.replies import ReplyDelta, ReplyFailed, ReplyFinished, ReplyNotice
+from bot.chat.service import ConversationService, IncomingMessage
 
 CONVERSATION_ID = "terminal"
 USER_ID = "terminal"
@@ -139,6 +133,7 @@ class TerminalChat:
                     self._write(f"\n{event.note}\n" if event.note else "\n")
                 elif isinstance(event, ReplyFailed):
                     self._write(f"{event.message}\n")
+            await reply.commit()  # shown in full: keep the exchange in the history
         finally:
             await reply.aclose()
 

@@ -2,12 +2,22 @@
 
 Nothing deeper touches the SDK's types. The mapping decides the conversation (p2p: the user;
 group: the thread), strips the bot's @mention from the text, and tells text from what the bot
-cannot read yet.
+cannot read yet. A post keeps only its text: the image and video markup the SDK renders for it
+(``![image](img_…)``, ``[media:file_…]``) would mean nothing to the model, and a post with
+nothing else is answered like an image.
+
+What the channel hands over is not trusted to be well formed: every field is read defensively
+and every string is made valid Unicode (a lone surrogate, which JSON's ``"\\ud800"`` decodes to,
+becomes U+FFFD), so a :class:`FeishuMessage` always serialises. Reading an inbox payload back
+raises :class:`InboxPayloadError` and nothing else for anything unreadable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -30,10 +40,23 @@ _TYPE_NAMES = {
     "location": "a location",
 }
 
+#: What the SDK's post converter writes for an ``img`` element: ``![image](img_…)`` (or ``![]``).
+_POST_IMAGE = re.compile(r"(?:\n\n)?!\[(?:image)?\]\((?P<key>[^()\s]*)\)")
+#: ... and for a ``media`` (video) element: ``[media:file_…]``.
+_POST_VIDEO = re.compile(r"(?:\n\n)?\[media:(?P<key>[^\]\s]*)\]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InboxPayloadError(ValueError):
+    """An inbox payload that cannot be read back as a :class:`FeishuMessage`; says why."""
+
 
 @dataclass(frozen=True)
 class FeishuMessage:
-    """An inbound Feishu message, reduced to what the bot needs. Serialisable for the inbox."""
+    """An inbound Feishu message, reduced to what the bot needs. Serialisable for the inbox.
+
+    Every string field holds valid Unicode (lone surrogates are replaced on construction).
+    """
 
     message_id: str
     chat_id: str
@@ -45,19 +68,93 @@ class FeishuMessage:
     text: str
     create_time_ms: int
     in_group: bool
+    #: the type the "text only" reply names when it is not ``message_type`` ("image" for a post
+    #: holding only images)
+    describe_as: str = ""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, str) and _SURROGATE.search(value):
+                object.__setattr__(self, field.name, _valid_unicode(value))
 
     def describe_type(self) -> str:
         """``an image``, ``a file``… for the "text only" reply."""
-        return _TYPE_NAMES.get(self.message_type, f"a {self.message_type} message")
+        name = self.describe_as or self.message_type
+        if not name:
+            return "this kind of message"
+        return _TYPE_NAMES.get(name, f"a {name} message")
 
     def to_json(self) -> str:
-        """The inbox payload."""
+        """The inbox payload (always encodable as UTF-8)."""
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, payload: str) -> FeishuMessage:
-        """Read an inbox payload back."""
-        return cls(**json.loads(payload))
+        """Read an inbox payload back; unknown fields are ignored, optional ones defaulted.
+
+        Raises:
+            InboxPayloadError: the payload is not JSON, not an object, or a required field is
+                missing or of the wrong type.
+        """
+        try:
+            data = json.loads(payload)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise InboxPayloadError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InboxPayloadError(f"not a JSON object but {_json_type(data)}")
+        kind = _field(data, "kind", str)
+        if kind not in ("text", "unsupported"):
+            raise InboxPayloadError(f"kind: expected 'text' or 'unsupported', got {kind[:40]!r}")
+        conversation_id = _field(data, "conversation_id", str)
+        chat_type = _field(data, "chat_type", str, default="")
+        if not chat_type:
+            chat_type = "p2p" if conversation_id.startswith("p2p:") else "group"
+        return cls(
+            message_id=_field(data, "message_id", str),
+            chat_id=_field(data, "chat_id", str),
+            chat_type=chat_type,
+            sender_open_id=_field(data, "sender_open_id", str),
+            conversation_id=conversation_id,
+            kind=kind,
+            message_type=_field(data, "message_type", str, default=""),
+            text=_field(data, "text", str),
+            create_time_ms=_field(data, "create_time_ms", int, default=0),
+            in_group=_field(data, "in_group", bool, default=chat_type != "p2p"),
+            describe_as=_field(data, "describe_as", str, default=""),
+        )
+
+
+_MISSING: Any = object()
+
+
+def _field(data: dict[str, Any], name: str, kind: type[Any], default: Any = _MISSING) -> Any:
+    """``data[name]`` if it is a ``kind`` (a bool is no int here), else ``default`` or an error."""
+    if name not in data or (data[name] is None and default is not _MISSING):
+        if default is _MISSING:
+            raise InboxPayloadError(f"{name}: missing")
+        return default
+    value = data[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = {str: "a string", int: "an integer", bool: "true or false"}[kind]
+        raise InboxPayloadError(f"{name}: expected {expected}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "a number"
+    return names.get(type(value), type(value).__name__)
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD (a split pair is joined again)."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def conversation_key(
@@ -70,44 +167,105 @@ def conversation_key(
 
 
 def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
-    """Map the channel's ``InboundMessage`` (duck-typed) to a :class:`FeishuMessage`."""
-    raw: dict[str, Any] = getattr(inbound, "raw", None) or {}
-    message_type = str(getattr(inbound, "raw_content_type", "") or raw.get("message_type") or "")
-    chat_type = str(inbound.conversation.chat_type or raw.get("chat_type") or "p2p")
-    root_id = str(raw.get("root_id") or "")
-    sender = str(inbound.sender.open_id or "")
+    """Map the channel's ``InboundMessage`` (duck-typed) to a :class:`FeishuMessage`.
+
+    Never raises for what the channel can produce, however malformed the event was.
+    """
+    raw = getattr(inbound, "raw", None)
+    raw = raw if isinstance(raw, dict) else {}
+    conversation = getattr(inbound, "conversation", None)
+    message_id = _str(getattr(inbound, "id", ""))
+    chat_id = _str(getattr(conversation, "chat_id", ""))
+    message_type = _str(getattr(inbound, "raw_content_type", "") or raw.get("message_type"))
+    chat_type = _str(getattr(conversation, "chat_type", "") or raw.get("chat_type")) or "p2p"
+    sender = _str(getattr(getattr(inbound, "sender", None), "open_id", ""))
     kind: MessageKind = "text" if message_type in READABLE_TYPES else "unsupported"
-    text = _text_of(inbound) if kind == "text" else ""
+    text, media = "", ""
+    if kind == "text":
+        text, media = _readable_text(inbound, message_type)
+        text = strip_bot_mention(text, getattr(inbound, "mentions", None), bot_open_id)
+        if not text and media:
+            kind = "unsupported"  # a post of images only: answered like an image
     return FeishuMessage(
-        message_id=str(inbound.id),
-        chat_id=str(inbound.conversation.chat_id),
+        message_id=message_id,
+        chat_id=chat_id,
         chat_type=chat_type,
         sender_open_id=sender,
         conversation_id=conversation_key(
-            chat_type, str(inbound.conversation.chat_id), sender, root_id, str(inbound.id)
+            chat_type, chat_id, sender, _str(raw.get("root_id")), message_id
         ),
         kind=kind,
         message_type=message_type,
-        text=strip_bot_mention(text, getattr(inbound, "mentions", []), bot_open_id),
-        create_time_ms=int(getattr(inbound, "create_time", 0) or 0),
+        text=text,
+        create_time_ms=_int(getattr(inbound, "create_time", 0)),
         in_group=chat_type != "p2p",
+        describe_as=media if kind == "unsupported" else "",
     )
 
 
-def _text_of(inbound: Any) -> str:
-    text = str(getattr(inbound, "content_text", "") or "")
+def _readable_text(inbound: Any, message_type: str) -> tuple[str, str]:
+    """The message's text, and for a post what media it held besides ("image", "media", "")."""
+    text = _str(getattr(inbound, "content_text", ""))
     if not text:
         # Merged bursts (TextBatchConfig) leave content_text empty and keep content.text.
-        text = str(getattr(getattr(inbound, "content", None), "text", "") or "")
-    return text
+        text = _str(getattr(getattr(inbound, "content", None), "text", ""))
+    if message_type != "post":
+        return text, ""
+    keys = {
+        _str(getattr(resource, "file_key", ""))
+        for resource in _list(getattr(inbound, "resources", None))
+    }
+    found: set[str] = set()
+
+    def drop(media: str) -> Callable[[re.Match[str]], str]:
+        def replace(match: re.Match[str]) -> str:
+            key = match["key"]
+            if key and key not in keys and not key.startswith(("img_", "file_")):
+                return match[0]  # not what the converter wrote for this post: the user's text
+            found.add(media)
+            return ""
+
+        return replace
+
+    text = _POST_IMAGE.sub(drop("image"), text)
+    text = _POST_VIDEO.sub(drop("media"), text)
+    return text.strip(), "image" if "image" in found else ("media" if found else "")
 
 
 def strip_bot_mention(text: str, mentions: Any, bot_open_id: str | None) -> str:
     """Remove the bot's @mention in every form the channel renders it (``@Name``, ``@_user_1``)."""
-    for mention in mentions or []:
+    for mention in _list(mentions):
         if not bot_open_id or getattr(mention, "open_id", None) != bot_open_id:
             continue
-        for form in (f"@{mention.name}" if mention.name else None, mention.key):
+        name = _str(getattr(mention, "name", ""))
+        for form in (f"@{name}" if name else "", _str(getattr(mention, "key", ""))):
             if form:
                 text = text.replace(form + " ", "").replace(form, "")
     return text.strip()
+
+
+def _str(value: Any) -> str:
+    """A field the SDK types as ``str`` but copies from the event unchecked."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except ValueError:  # an int too long to print
+        return ""
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return 0
+    return 0
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []

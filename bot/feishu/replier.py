@@ -1,148 +1,562 @@
-"""Streaming a reply into Feishu cards with the SDK's CardKit markdown controller.
+"""Delivering one reply in Feishu: a card that fills in as the model writes, and always ends.
 
-``FeishuChannel.stream`` builds its ``MarkdownStreamController`` with a fixed 100 ms throttle and
-opens the card only when the first text arrives (three round trips later the user sees it). We
-build the same controller from the channel's public CardKit methods instead, so that:
+Three ways to show an answer, tried in this order (a way Feishu refuses for a missing scope is
+remembered for the life of the process, with one warning naming the scope):
 
-- the card ("Thinking…") is created and sent as soon as the message is accepted, while the LLM
-  works, and the first token then costs one round trip;
-- updates are coalesced to at most one per ``chat.stream_update_ms`` (default 300 ms), sending
-  the cumulative text (the controller's ``append`` merges overlaps and can drop characters);
-- an answer too long for one card (Feishu caps a card at about 30 KB, error 230025) continues
-  in a follow-up card instead of being cut;
-- every card is closed: at the end, on failure (with a short apology), and when shutdown cuts an
-  answer short (with a note), never left spinning.
+1. ``cardkit``: a CardKit card entity sent as the reply; its markdown element is updated with the
+   whole text so far (strictly increasing ``sequence``), then streaming mode is switched off.
+2. ``patch``: a plain ``interactive`` card sent as the reply and replaced with
+   ``PATCH im/v1/messages/:id`` (Feishu allows about two per second).
+3. ``text``: no card; once the answer is complete it is sent as text replies.
+
+The card opens ("Thinking…") as soon as the message is accepted, while the LLM works. Updates are
+best effort and coalesced to one per ``chat.stream_update_ms`` (a rate-limited update pauses them
+for Feishu's reset hint); the final text of every card is sent by the bot itself with retries and
+its result checked. If it cannot land in the card, the card is closed with a note and the text
+goes out as a follow-up message; what still could not be delivered is returned to the caller,
+who keeps it in the inbox and tries again later. Answers longer than one card (Feishu caps a card
+at about 30 KB) continue in follow-up cards. Every card is closed, also when shutdown cuts an
+answer short.
+
+Every card and message sent is recorded in a :class:`DeliveryRecord` (kept in the inbox row), so
+after a crash or restart the answer is regenerated *into the same cards* instead of a second
+reply; reply requests carry a ``uuid`` derived from the user's message, which Feishu uses to
+answer a repeated request with the message it already created.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
 
-from lark_oapi.channel.outbound.streaming.markdown_stream import MarkdownStreamController
-
-from bot.chat.service import ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
+from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
+from bot.feishu.api import CODE_SEQUENCE_NOT_INCREASING, FeishuApi, FeishuApiError
+from bot.feishu.render import safe_markdown, safe_plain_text
 from bot.logging import get_logger
 
 log = get_logger(__name__)
 
+Clock = Callable[[], float]
+Persist = Callable[["DeliveryRecord"], Awaitable[None]]
+ReplyMode = Literal["cardkit", "patch", "text"]
+Outcome = Literal["complete", "interrupted", "failed", "cut_short"]
+
 THINKING = "_Thinking…_"
 CONTINUED = "_(continued below)_"
-CUT_SHORT_NOTE = "_(The bot is restarting, so this answer was cut short. Please ask again.)_"
+CUT_SHORT_NOTE = (
+    "_(The bot is restarting: this answer stopped here and will be finished in this card when "
+    "the bot is back.)_"
+)
+MOVED_NOTE = "_(This answer could not be shown here: it follows as a separate message.)_"
+SUPERSEDED_NOTE = "_(See the answer above.)_"
+APOLOGY = "Sorry, something went wrong while I was answering. Please try again."
 #: text per card, in UTF-8 bytes: well under Feishu's ~30 KB card limit, JSON escaping included
 CARD_TEXT_LIMIT_BYTES = 18_000
+#: Feishu allows roughly two PATCH updates per second per message
+PATCH_MIN_INTERVAL_S = 0.6
+ELEMENT_ID = "answer"
 
 
-class _ReplyCard(MarkdownStreamController):  # type: ignore[misc]
-    """The SDK's controller, plus opening the card before any text exists."""
+@dataclass(frozen=True)
+class ReplyTarget:
+    """Where a reply goes: the user's message it answers, in its chat (in thread in groups)."""
 
-    async def open(self) -> None:
-        """Create the card and send it as the reply (idempotent)."""
-        await self._ensure_started()
+    chat_id: str
+    message_id: str
+    in_thread: bool
 
-    def stage_final(self, text: str) -> None:
-        """Set the closing text without sending it: the controller's closing flush sends it,
-        so the last text costs one update instead of two."""
-        self._content = text
+
+@dataclass
+class SentCard:
+    """A card sent for a reply. ``card_id`` is empty for a ``patch`` card."""
+
+    message_id: str = ""
+    card_id: str = ""
+    created_at: float = 0.0
+
+
+@dataclass
+class DeliveryRecord:
+    """What was sent for one message so far: kept in its inbox row (JSON) across restarts.
+
+    ``answer`` holds a finished answer (or the part of it) that is still to be delivered.
+    """
+
+    cards: list[SentCard] = field(default_factory=list)
+    answer: str | None = None
+
+    def to_json(self) -> str:
+        """The inbox ``delivery`` column."""
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> DeliveryRecord:
+        """Read it back; anything unreadable counts as nothing sent yet."""
+        try:
+            data = json.loads(raw) if raw else {}
+            cards = [
+                SentCard(
+                    message_id=str(card.get("message_id") or ""),
+                    card_id=str(card.get("card_id") or ""),
+                    created_at=float(card.get("created_at") or 0.0),
+                )
+                for card in data.get("cards") or []
+                if isinstance(card, dict)
+            ]
+            answer = data.get("answer")
+            return cls(cards=cards, answer=answer if isinstance(answer, str) else None)
+        except (ValueError, TypeError, AttributeError):
+            log.warning("delivery_record_unreadable")
+            return cls()
 
 
 @dataclass
 class StreamedReply:
-    """How a reply went: its full text, the messages that show it, and the outcome."""
+    """How a reply went: its text, the messages that show it, and what is left to deliver.
+
+    ``undelivered`` is the text Feishu did not take (after retries and fallbacks): empty when
+    the whole reply reached the user. ``permanent`` says that retrying cannot help (for example
+    the user's message was recalled).
+    """
 
     text: str
+    outcome: Outcome
     message_ids: list[str] = field(default_factory=list)
-    outcome: str = "pending"
+    undelivered: str = ""
+    permanent: bool = False
+
+
+class _Card(Protocol):
+    """One card being filled: opened, updated (best effort), finished (checked)."""
+
+    interval_s: float
+
+    @property
+    def message_id(self) -> str:
+        """The card message's id (empty until sent)."""
+
+    async def open(self, text: str) -> None:
+        """Make sure the card exists, is sent as the reply, and accepts updates."""
+
+    async def show(self, text: str) -> None:
+        """Best-effort update, no retry (the next one carries the whole text anyway)."""
+
+    async def finish(self, text: str) -> None:
+        """Put the final text and close the card, with retries; raise FeishuApiError."""
+
+    async def close(self, note: str) -> None:
+        """Best effort, never raises: show ``note`` and stop the card streaming."""
 
 
 class CardReplier:
-    """Streams one reply's events into cards replying to the user's message."""
+    """Streams replies into Feishu through :class:`FeishuApi`, with the fallbacks above."""
 
     def __init__(
         self,
-        channel: Any,
+        api: FeishuApi,
         *,
         update_interval_s: float,
         card_limit_bytes: int = CARD_TEXT_LIMIT_BYTES,
+        clock: Clock = time.time,
     ) -> None:
-        self._channel = channel
+        self._api = api
         self._interval = update_interval_s
         self._limit = card_limit_bytes
+        self._clock = clock
+        self._unavailable: set[ReplyMode] = set()
+        self._sequences: dict[str, int] = {}  # card id -> last sequence used in this process
+
+    # ---- public ------------------------------------------------------------------------------
 
     async def stream(
         self,
-        *,
-        chat_id: str,
-        reply_to: str,
-        in_thread: bool,
+        target: ReplyTarget,
         events: AsyncIterator[ReplyEvent],
+        *,
+        record: DeliveryRecord,
+        persist: Persist,
         prefix: str = "",
         stop: asyncio.Event | None = None,
     ) -> StreamedReply:
-        """Show ``events`` in cards replying to ``reply_to``; return how it went.
+        """Show ``events`` as the reply to ``target``; return how it went (never raises for
+        Feishu failures: what could not be delivered is in the result).
 
-        ``stop`` set while the answer is still coming cuts it short: what arrived is kept and
-        the card says the answer was cut, then closes.
+        ``stop`` set while the answer is still coming cuts it short: what arrived is shown and
+        the card says the answer will be finished after the restart.
         """
         state = _AnswerState(prefix, self._limit)
-        feeding = asyncio.create_task(_consume(events, state, stop))
-        feeding.add_done_callback(lambda _: state.finish())
-        result = StreamedReply(text="")
-        try:
-            while True:
-                card = self._new_card(chat_id, reply_to, in_thread, state.initial_text())
-                await card.run(lambda _controller, card=card: self._fill(card, state))
-                result.message_ids.append(card.message_id)
-                if not state.start_next_card():
-                    break
-            await feeding  # re-raises what the reply's producer raised, if anything
-        finally:
-            if not feeding.done():
-                feeding.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeding
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_consume(events, state, stop))
+            presenting = group.create_task(self._present(target, state, record, persist))
+        result = presenting.result()
         result.text = state.full_text()
         result.outcome = state.outcome
         return result
 
-    def _new_card(self, chat_id: str, reply_to: str, in_thread: bool, initial: str) -> _ReplyCard:
-        return _ReplyCard(
-            to=chat_id,
-            receive_id_type="chat_id",
-            reply_to=reply_to,
-            reply_in_thread=in_thread or None,
-            create_card_instance=self._channel.create_card_instance,
-            send_card_by_reference=self._channel.send_card_by_reference,
-            update_card_element_content=self._channel.update_card_element_content,
-            finish_streaming_card=self._channel.finish_streaming_card,
-            initial_text=initial,
-            min_ms=0,  # throttling is ours (below); the controller sends what it is given
-            min_chars=1,
-        )
+    async def send_text(
+        self, target: ReplyTarget, text: str, *, record: DeliveryRecord, persist: Persist
+    ) -> StreamedReply:
+        """Deliver a complete text (a notice, an apology, or an answer kept for redelivery):
+        into the reply's card when one was already sent for it, else as a text reply."""
 
-    async def _fill(self, card: _ReplyCard, state: _AnswerState) -> None:
-        """Push the latest text at most once per interval until the card is full or done."""
-        await card.open()
-        pushed = ""
+        async def once() -> AsyncIterator[ReplyEvent]:
+            yield ReplyFinished(text)
+
+        if record.cards:
+            return await self.stream(target, once(), record=record, persist=persist)
+        try:
+            ids = await self._send_text_parts(target, text, tag="text")
+        except FeishuApiError as exc:
+            log.warning("reply_text_failed", error=str(exc))
+            return StreamedReply(text, "complete", undelivered=text, permanent=not exc.retryable)
+        return StreamedReply(text, "complete", message_ids=ids)
+
+    # ---- presenting --------------------------------------------------------------------------
+
+    async def _present(
+        self, target: ReplyTarget, state: _AnswerState, record: DeliveryRecord, persist: Persist
+    ) -> StreamedReply:
+        result = StreamedReply(text="", outcome="complete")
+        index = 0
+        while True:
+            card = await self._open(target, record, index, state.initial_text(), persist)
+            if card is None:  # no card can be shown now: send the rest as text once complete
+                await state.finished.wait()
+                rest = state.rest_text()
+                try:
+                    result.message_ids += await self._send_text_parts(target, rest, tag=str(index))
+                except FeishuApiError as exc:
+                    log.warning("reply_text_failed", error=str(exc))
+                    result.undelivered, result.permanent = rest, not exc.retryable
+                break
+            text = await self._fill(card, state)
+            if not await self._finish(card, text, target, index, result):
+                await state.finished.wait()
+                result.undelivered = state.rest_text()
+                break
+            result.message_ids.append(card.message_id)
+            if not state.start_next_card():
+                break
+            index += 1
+        await self._retire(record.cards[index + 1 :], target, persist)
+        return result
+
+    async def _open(
+        self,
+        target: ReplyTarget,
+        record: DeliveryRecord,
+        index: int,
+        initial: str,
+        persist: Persist,
+    ) -> _Card | None:
+        """The ``index``-th card of the reply, reused from ``record`` when it was sent before."""
+        sent = record.cards[index] if index < len(record.cards) else None
+        for mode in self._modes_for(sent):
+            if sent is None or not _fits(sent, mode):
+                sent = SentCard()
+                if index < len(record.cards):
+                    record.cards[index] = sent
+                else:
+                    record.cards.append(sent)
+            card = self._card(mode, target, sent, record, persist, index)
+            try:
+                await card.open(initial)
+                return card
+            except FeishuApiError as exc:
+                if not self._give_up_on(mode, exc):
+                    log.warning("reply_card_not_opened", mode=mode, error=str(exc))
+                    if exc.retryable:
+                        return None
+                sent = None  # the next mode starts a new card
+        return None
+
+    def _modes_for(self, sent: SentCard | None) -> list[ReplyMode]:
+        modes: list[ReplyMode] = [m for m in ("cardkit", "patch") if m not in self._unavailable]
+        if sent is not None and sent.message_id and not sent.card_id and "patch" in modes:
+            modes.remove("patch")
+            modes.insert(0, "patch")  # reuse the interactive card sent before
+        return modes
+
+    def _give_up_on(self, mode: ReplyMode, exc: FeishuApiError) -> bool:
+        """Remember a mode Feishu refuses for a missing scope; True when it was that."""
+        scope = exc.missing_scope
+        if scope is None:
+            return False
+        if mode not in self._unavailable:
+            self._unavailable.add(mode)
+            log.warning(
+                "feishu_scope_missing",
+                scope=scope,
+                mode=mode,
+                hint=f"add the scope {scope} in the developer console (Permissions & Scopes) "
+                "and publish a new version; until then answers use a simpler format",
+            )
+        return True
+
+    def _card(
+        self,
+        mode: ReplyMode,
+        target: ReplyTarget,
+        sent: SentCard,
+        record: DeliveryRecord,
+        persist: Persist,
+        index: int,
+    ) -> _Card:
+        async def save() -> None:
+            await persist(record)
+
+        if mode == "cardkit":
+            return _CardKitCard(
+                self._api,
+                target,
+                sent,
+                save,
+                self._interval,
+                self._clock,
+                index,
+                self._sequences,
+            )
+        return _PatchCard(self._api, target, sent, save, self._interval, index)
+
+    async def _fill(self, card: _Card, state: _AnswerState) -> str:
+        """Push the latest text at most once per interval; return the card's final text."""
+        loop = asyncio.get_running_loop()
+        shown = ""
+        paused_until = 0.0
         while True:
             await state.changed.wait()
             state.changed.clear()
             text, full = state.card_text()
             if full:
-                card.stage_final(text + "\n\n" + CONTINUED)
-                return
+                return text + "\n\n" + CONTINUED
             if state.finished.is_set():
-                card.stage_final(text)
-                return
-            if text != pushed:
-                await card.set_content(text)
-                pushed = text
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(state.finished.wait(), self._interval)
-                state.changed.set()  # look again: more text may have come meanwhile
+                return text
+            wait = card.interval_s
+            if text != shown and loop.time() >= paused_until:
+                try:
+                    await card.show(text)
+                    shown = text
+                except FeishuApiError as exc:
+                    if exc.rate_limited:
+                        wait = max(wait, exc.retry_after or 1.0)
+                        paused_until = loop.time() + wait
+                    log.info("card_update_skipped", code=exc.code, pause_s=wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.finished.wait(), wait)
+            state.changed.set()  # look again: more text may have come meanwhile
+
+    async def _finish(
+        self, card: _Card, text: str, target: ReplyTarget, index: int, result: StreamedReply
+    ) -> bool:
+        """Close the card with ``text``; if that fails, send ``text`` as a follow-up message.
+        False when even that failed (then ``result`` says what is undelivered)."""
+        try:
+            await card.finish(text)
+            return True
+        except FeishuApiError as exc:
+            log.warning("card_final_update_failed", error=str(exc))
+        await card.close(MOVED_NOTE)
+        try:
+            result.message_ids += await self._send_text_parts(target, text, tag=f"{index}-moved")
+            return True
+        except FeishuApiError as exc:
+            log.warning("reply_text_failed", error=str(exc))
+            result.permanent = not exc.retryable
+            return False
+
+    async def _retire(self, cards: list[SentCard], target: ReplyTarget, persist: Persist) -> None:
+        """Close cards an earlier run sent that the regenerated answer did not need."""
+        for sent in cards:
+            card = self._card(
+                "cardkit" if sent.card_id else "patch", target, sent, DeliveryRecord(), persist, 0
+            )
+            with contextlib.suppress(FeishuApiError):
+                await card.open(SUPERSEDED_NOTE)  # it was closed: let it take text again
+            await card.close(SUPERSEDED_NOTE)
+
+    async def _send_text_parts(self, target: ReplyTarget, text: str, *, tag: str) -> list[str]:
+        """Send ``text`` as text replies (split to fit); return their ids."""
+        ids = []
+        for number, part in enumerate(_split(text, self._limit) or [""]):
+            ids.append(
+                await self._api.reply(
+                    target.message_id,
+                    "text",
+                    {"text": safe_plain_text(part) or "…"},
+                    in_thread=target.in_thread,
+                    uuid=_uuid(target.message_id, "text", tag, str(number)),
+                )
+            )
+        return ids
+
+
+class _CardKitCard:
+    """A CardKit card entity sent by reference.
+
+    Sequences must grow card-wide. Within the process the replier remembers each card's last
+    number; across processes (a card resumed after a crash) numbers grow with the milliseconds
+    since the card was created, and a conflict (300317) leaps well past the other's numbers.
+    """
+
+    def __init__(
+        self,
+        api: FeishuApi,
+        target: ReplyTarget,
+        sent: SentCard,
+        save: Callable[[], Awaitable[None]],
+        interval_s: float,
+        clock: Clock,
+        index: int,
+        sequences: dict[str, int],
+    ) -> None:
+        self._api = api
+        self._target = target
+        self._sent = sent
+        self._save = save
+        self._clock = clock
+        self._index = index
+        self._sequences = sequences
+        self.interval_s = interval_s
+
+    @property
+    def message_id(self) -> str:
+        return self._sent.message_id
+
+    def _next_sequence(self) -> int:
+        card_id = self._sent.card_id
+        elapsed_ms = int((self._clock() - self._sent.created_at) * 1000)
+        sequence = max(self._sequences.get(card_id, 0) + 1, elapsed_ms)
+        self._sequences[card_id] = sequence
+        return sequence
+
+    async def _sequenced(self, call: Callable[[int], Awaitable[None]]) -> None:
+        try:
+            await call(self._next_sequence())
+        except FeishuApiError as exc:
+            if exc.code != CODE_SEQUENCE_NOT_INCREASING:
+                raise
+            self._sequences[self._sent.card_id] += 1_000_000  # numbered further elsewhere
+            await call(self._next_sequence())
+
+    async def open(self, text: str) -> None:
+        sent = self._sent
+        if sent.card_id:
+            # Sent by an earlier run (maybe closed with a note): make it stream again.
+            await self._sequenced(lambda seq: self._api.set_card_streaming(sent.card_id, True, seq))
+        else:
+            sent.card_id = await self._api.create_card(_streaming_card(safe_markdown(text)))
+            sent.created_at = self._clock()
+            await self._save()
+        if not sent.message_id:
+            sent.message_id = await self._api.reply(
+                self._target.message_id,
+                "interactive",
+                {"type": "card", "data": {"card_id": sent.card_id}},
+                in_thread=self._target.in_thread,
+                uuid=_uuid(self._target.message_id, "card", str(self._index), sent.card_id),
+            )
+            await self._save()
+
+    async def show(self, text: str) -> None:
+        await self._api.set_card_text(
+            self._sent.card_id, ELEMENT_ID, safe_markdown(text), self._next_sequence(), retry=False
+        )
+
+    async def finish(self, text: str) -> None:
+        card_id = self._sent.card_id
+        shown = safe_markdown(text)
+        await self._sequenced(lambda seq: self._api.set_card_text(card_id, ELEMENT_ID, shown, seq))
+        await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
+
+    async def close(self, note: str) -> None:
+        card_id = self._sent.card_id
+        with contextlib.suppress(FeishuApiError):
+            await self._sequenced(
+                lambda seq: self._api.set_card_text(card_id, ELEMENT_ID, note, seq)
+            )
+        with contextlib.suppress(FeishuApiError):
+            await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
+
+
+class _PatchCard:
+    """A plain interactive card, replaced whole with PATCH."""
+
+    def __init__(
+        self,
+        api: FeishuApi,
+        target: ReplyTarget,
+        sent: SentCard,
+        save: Callable[[], Awaitable[None]],
+        interval_s: float,
+        index: int,
+    ) -> None:
+        self._api = api
+        self._target = target
+        self._sent = sent
+        self._save = save
+        self._index = index
+        self.interval_s = max(interval_s, PATCH_MIN_INTERVAL_S)
+
+    @property
+    def message_id(self) -> str:
+        return self._sent.message_id
+
+    async def open(self, text: str) -> None:
+        if self._sent.message_id:
+            await self._api.patch_card_message(self._sent.message_id, _static_card(text))
+            return
+        self._sent.message_id = await self._api.reply(
+            self._target.message_id,
+            "interactive",
+            _static_card(text),
+            in_thread=self._target.in_thread,
+            uuid=_uuid(self._target.message_id, "patch", str(self._index)),
+        )
+        await self._save()
+
+    async def show(self, text: str) -> None:
+        await self._api.patch_card_message(self._sent.message_id, _static_card(text), retry=False)
+
+    async def finish(self, text: str) -> None:
+        await self._api.patch_card_message(self._sent.message_id, _static_card(text))
+
+    async def close(self, note: str) -> None:
+        with contextlib.suppress(FeishuApiError):
+            await self._api.patch_card_message(self._sent.message_id, _static_card(note))
+
+
+def _fits(sent: SentCard, mode: ReplyMode) -> bool:
+    """Whether a card sent before can be reused in ``mode``."""
+    if mode == "cardkit":
+        return bool(sent.card_id) or not sent.message_id
+    return not sent.card_id
+
+
+def _streaming_card(text: str) -> dict[str, Any]:
+    return {
+        "schema": "2.0",
+        "config": {"streaming_mode": True, "summary": {"content": ""}},
+        "body": {"elements": [{"tag": "markdown", "element_id": ELEMENT_ID, "content": text}]},
+    }
+
+
+def _static_card(text: str) -> dict[str, Any]:
+    return {
+        "schema": "2.0",
+        "config": {"update_multi": True},
+        "body": {"elements": [{"tag": "markdown", "content": safe_markdown(text)}]},
+    }
+
+
+def _uuid(*parts: str) -> str:
+    """A reply's idempotency key (Feishu allows 50 characters)."""
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:40]
 
 
 class _AnswerState:
@@ -154,7 +568,7 @@ class _AnswerState:
         self.answer = ""
         self.notice = ""
         self.footer = ""
-        self.outcome = "pending"
+        self.outcome: Outcome = "complete"
         self.offset = 0  # answer characters shown on earlier cards
         self.split_at: int | None = None  # where the current card's part ends, once full
         self.changed = asyncio.Event()
@@ -175,9 +589,18 @@ class _AnswerState:
             self.footer = f"_{event.note}_" if event.note else ""
             self.outcome = "complete" if event.complete else "interrupted"
         elif isinstance(event, ReplyFailed):
-            self.answer = event.message
-            self.outcome = "failed"
+            self.fail(event.message)
         self.changed.set()
+
+    def fail(self, message: str) -> None:
+        self.answer = message
+        self.footer = ""
+        self.outcome = "failed"
+        self.changed.set()
+
+    def cut_short(self) -> None:
+        self.footer = CUT_SHORT_NOTE
+        self.outcome = "cut_short"
 
     def initial_text(self) -> str:
         return (self.prefix if self.offset == 0 else "") + THINKING
@@ -203,6 +626,12 @@ class _AnswerState:
         self.changed.set()
         return True
 
+    def rest_text(self) -> str:
+        """The answer from the current card on (all of it for a reply without cards)."""
+        head = self.prefix if self.offset == 0 else ""
+        part = self.answer[self.offset :]
+        return "\n\n".join(p for p in (head + part, self.footer) if p)
+
     def full_text(self) -> str:
         return "\n\n".join(p for p in (self.prefix + self.answer, self.footer) if p)
 
@@ -220,30 +649,39 @@ def _split_point(text: str, limit_bytes: int) -> int:
     return max(1, fitting)
 
 
+def _split(text: str, limit_bytes: int) -> list[str]:
+    parts = []
+    while text:
+        cut = _split_point(text, limit_bytes) if _size(text) > limit_bytes else len(text)
+        parts.append(text[:cut])
+        text = text[cut:]
+    return parts
+
+
 async def _consume(
     events: AsyncIterator[ReplyEvent], state: _AnswerState, stop: asyncio.Event | None
 ) -> None:
-    """Feed events into ``state`` until they end or ``stop`` is set."""
+    """Feed events into ``state`` until they end or ``stop`` is set; always finish the state."""
 
     async def feed() -> None:
         async for event in events:
             state.apply(event)
 
-    feeding = asyncio.create_task(feed())
-    if stop is None:
-        await feeding
-        return
-    stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({feeding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop is None:
+            await feed()
+            return
+        async with asyncio.TaskGroup() as group:
+            feeding = group.create_task(feed())
+            stopping = group.create_task(stop.wait())
+            await asyncio.wait({feeding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not feeding.done():
+                feeding.cancel()
+                state.cut_short()
+                log.warning("reply_cut_short", chars=len(state.answer))
+            stopping.cancel()
+    except Exception as exc:  # a bug upstream must still end the card, politely
+        log.error("reply_events_failed", error=f"{type(exc).__name__}: {exc}")
+        state.fail(APOLOGY)
     finally:
-        stopping.cancel()
-    if not feeding.done():
-        feeding.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feeding
-        state.footer = CUT_SHORT_NOTE
-        state.outcome = "cut_short"
-        log.warning("reply_cut_short", chars=len(state.answer))
-        return
-    feeding.result()
+        state.finish()

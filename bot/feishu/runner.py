@@ -1,16 +1,18 @@
 """``python -m bot run``: the bot's life from start to a clean exit.
 
-Start: open the core (store, keys, LLM client), connect to Feishu, answer what a previous run
-left unanswered. Then serve until SIGINT or SIGTERM (or until the connection is lost for longer
-than ``feishu.reconnect_timeout_s``: then exit 1), let answers in progress finish within
-``feishu.shutdown_grace_s`` (cutting the rest short with a note in their cards), disconnect,
-close the store.
+Start: take the store's instance lock (one bot per store), open the core (store, keys, LLM
+client), connect to Feishu, answer what a previous run left unanswered. Then serve until SIGINT or
+SIGTERM (or until the connection is lost for longer than ``feishu.reconnect_timeout_s``: then
+exit 1), let answers in progress finish within ``feishu.shutdown_grace_s`` (what is cut short or
+still queued stays in the inbox for the next start), disconnect, close the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
+from collections.abc import Callable
 
 from bot import signals
 from bot.app import build_core
@@ -19,30 +21,36 @@ from bot.errors import FeishuConnectError
 from bot.feishu.gateway import FeishuGateway
 from bot.logging import Redactor, get_logger
 from bot.store import Store
+from bot.store.lock import InstanceLock
 
 log = get_logger(__name__)
 
-PURGE_EVERY_S = 3600.0
+HOUSEKEEPING_EVERY_S = 3600.0
+DAY_S = 86_400.0
 
 
 async def serve(settings: Settings, redactor: Redactor) -> None:
-    """Run the Feishu bot until a stop signal; raise FeishuConnectError if it cannot connect."""
+    """Run the Feishu bot until a stop signal; raise FeishuConnectError if it cannot connect,
+    StoreLocked if another bot uses the store."""
     stop = asyncio.Event()
-    with signals.handling([signal.SIGINT, signal.SIGTERM], stop.set):
+    with signals.handling([signal.SIGINT, signal.SIGTERM], stop.set), _instance_lock(settings):
         core = await build_core(settings, redactor)
         try:
             if not core.pool.keys():
                 log.warning("no_api_keys", hint="add llm.keys or OPENAI_API_KEYS")
             gateway = FeishuGateway(settings, core, on_lost=stop.set)
-            await gateway.start()
-            housekeeping = asyncio.create_task(_purge_expired_marks(core.store))
             try:
-                await gateway.resume_inbox()
-                log.info("bot_ready", model=settings.llm.model)
-                await stop.wait()
-                log.info("bot_stopping")
+                await gateway.start()
+                async with asyncio.TaskGroup() as background:
+                    housekeeping = background.create_task(
+                        _housekeeping(core.store, settings.chat.history_retention_days)
+                    )
+                    await gateway.resume_inbox()
+                    log.info("bot_ready", model=settings.llm.model)
+                    await stop.wait()
+                    log.info("bot_stopping")
+                    housekeeping.cancel()
             finally:
-                housekeeping.cancel()
                 await gateway.stop()
             if gateway.lost_reason:
                 raise FeishuConnectError(gateway.lost_reason)
@@ -51,9 +59,22 @@ async def serve(settings: Settings, redactor: Redactor) -> None:
     log.info("bot_stopped")
 
 
-async def _purge_expired_marks(store: Store, every_s: float = PURGE_EVERY_S) -> None:
-    """Drop expired dedup marks now and then, so the store does not grow with every message."""
+def _instance_lock(settings: Settings) -> InstanceLock:
+    """The lock next to the SQLite file: a second bot on the same store refuses to start."""
+    path = settings.store.sqlite_path()
+    return InstanceLock(path.with_name(path.name + ".lock"))
+
+
+async def _housekeeping(
+    store: Store,
+    retention_days: float,
+    *,
+    every_s: float = HOUSEKEEPING_EVERY_S,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Now and then: drop expired dedup marks, and turns older than the retention period."""
     while True:
         removed = await store.purge_expired()
-        log.debug("dedup_marks_purged", removed=removed)
+        pruned = await store.prune_turns(clock() - retention_days * DAY_S) if retention_days else 0
+        log.debug("housekeeping_done", dedup_marks=removed, turns=pruned)
         await asyncio.sleep(every_s)

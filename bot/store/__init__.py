@@ -7,19 +7,34 @@ from pathlib import Path
 
 from bot.config import StoreSettings
 from bot.errors import ConfigError
-from bot.store.base import InboxEntry, KeySource, KeyState, Store, StoredKey, Turn, Usage
+from bot.store.base import (
+    InboxEntry,
+    KeySource,
+    KeyState,
+    Store,
+    StoredKey,
+    Turn,
+    TurnStatus,
+    Usage,
+    UsageRecord,
+)
+from bot.store.lock import InstanceLock, lock_holder
 from bot.store.sqlite import Clock, SQLiteStore
 
 __all__ = [
     "InboxEntry",
+    "InstanceLock",
     "KeySource",
     "KeyState",
     "SQLiteStore",
     "Store",
     "StoredKey",
     "Turn",
+    "TurnStatus",
     "Usage",
+    "UsageRecord",
     "create_store",
+    "lock_holder",
 ]
 
 

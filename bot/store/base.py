@@ -2,16 +2,21 @@
 
 A store keeps everything that must survive a restart or be shared by several instances:
 conversation turns, processed-message marks (dedup, with expiry), the durable inbox of messages
-awaiting an answer, the API keys with their state, and usage counters. Implementations:
+awaiting an answer (and, set aside, the ones that could not be read back), the API keys with their
+state, and usage counters. Implementations:
 :mod:`bot.store.sqlite` (embedded default). Every method is a coroutine that never blocks the loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 Role = Literal["system", "user", "assistant"]
+TurnStatus = Literal["complete", "cut"]
+"""``complete``: a whole answer (or a user message); ``cut``: an answer whose stream broke after
+some text had reached the user, kept so the history shows what the user saw."""
 KeyState = Literal["active", "cooling", "disabled"]
 KeySource = Literal["config", "env", "donated"]
 DisabledBy = Literal["auto", "manual"]
@@ -26,19 +31,23 @@ class Turn:
     content: str
     created_at: float
     tokens: int
+    status: TurnStatus = "complete"
 
 
 @dataclass(frozen=True)
 class InboxEntry:
     """A message accepted from the chat platform and not answered yet.
 
-    ``payload`` is the gateway's own serialisation of the message; the store does not read it.
+    ``payload`` is the gateway's own serialisation of the message and ``delivery`` its record of
+    what was already sent for it (the card or message, an answer still waiting to be delivered);
+    both are opaque JSON strings the store never reads.
     """
 
     message_id: str
     conversation_id: str
     payload: str
     received_at: float
+    delivery: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,17 @@ class Usage:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class UsageRecord:
+    """One request's tokens, to be counted for (day, user, key) together with its answer."""
+
+    day: str
+    user_id: str
+    key_id: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the bot. Open before use, close at shutdown."""
@@ -92,8 +112,19 @@ class Store(Protocol):
     async def load_turns(self, conversation_id: str) -> list[Turn]:
         """All turns of a conversation, oldest first."""
 
+    async def load_recent_turns(self, conversation_id: str, max_tokens: int) -> list[Turn]:
+        """The newest turns of a conversation whose ``tokens`` add up to at most ``max_tokens``.
+
+        Returned oldest first. The turns are read newest first and the reading stops at the
+        first turn that does not fit (older turns are never skipped over to fill the budget),
+        so a long history costs no more than the part that is returned.
+        """
+
     async def clear_conversation(self, conversation_id: str) -> int:
         """Forget a conversation's turns; return how many were removed."""
+
+    async def prune_turns(self, older_than: float) -> int:
+        """Delete every turn created before ``older_than`` (epoch seconds); return how many."""
 
     # Dedup of processed events and messages
     async def mark_seen(self, key: str, ttl_s: float) -> bool:
@@ -121,7 +152,28 @@ class Store(Protocol):
         """The message was answered (or refused): forget it."""
 
     async def inbox_list(self) -> list[InboxEntry]:
-        """Every message still awaiting an answer, oldest first."""
+        """Every message still awaiting an answer, oldest first, with its ``delivery``."""
+
+    async def inbox_set_delivery(self, message_id: str, delivery: str | None) -> None:
+        """Replace the ``delivery`` record of an inbox entry; nothing when it is not there."""
+
+    async def inbox_reject(self, message_id: str, reason: str) -> None:
+        """Move an entry that cannot be read back out of the inbox, keeping it with ``reason``.
+
+        The entry is kept aside (with the time it was moved) for a person to look at; it is
+        never answered. Nothing happens when the message is not in the inbox.
+        """
+
+    async def complete_message(
+        self, message_ids: Sequence[str], turns: Sequence[Turn], usage: UsageRecord | None
+    ) -> None:
+        """Record a delivered answer in one transaction.
+
+        Appends ``turns`` in order, counts ``usage`` (like :meth:`add_usage`) when given and
+        removes every message of ``message_ids`` from the inbox: all of it or, when it fails
+        (:class:`bot.errors.StoreError`), none of it. So a crash never leaves the history saved
+        while the inbox still holds the message, nor the reverse.
+        """
 
     # API keys
     async def save_key(self, key: StoredKey) -> None:

@@ -2,7 +2,11 @@
 
 All database work runs on one dedicated thread that owns the connection, so coroutines from any
 event loop (the bot's, or the Feishu SDK's own) await it without blocking and writes never
-interleave. The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it.
+interleave. The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it
+(a migration, once released, is never edited: changes go into a new one).
+
+Writes that belong together (accepting a message, recording a delivered answer, setting an inbox
+row aside) run in one ``BEGIN IMMEDIATE`` transaction, so a crash keeps all of them or none.
 """
 
 from __future__ import annotations
@@ -11,13 +15,24 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from bot.errors import StoreError
-from bot.store.base import InboxEntry, KeySource, KeyState, Role, StoredKey, Turn, Usage
+from bot.store.base import (
+    InboxEntry,
+    KeySource,
+    KeyState,
+    Role,
+    StoredKey,
+    Turn,
+    TurnStatus,
+    Usage,
+    UsageRecord,
+)
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -70,7 +85,73 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (day, user_id, key_id)
     );
     """,
+    # 2: cut answers, the gateway's delivery record, inbox rows set aside, pruning by age
+    """
+    ALTER TABLE turns ADD COLUMN status TEXT NOT NULL DEFAULT 'complete'
+        CHECK (status IN ('complete', 'cut'));
+    CREATE INDEX turns_by_age ON turns (created_at);
+    ALTER TABLE inbox ADD COLUMN delivery TEXT;
+    CREATE TABLE inbox_rejected (
+        message_id TEXT PRIMARY KEY,
+        conversation_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        moved_at REAL NOT NULL
+    );
+    """,
 )
+
+RECENT_PAGE = 50
+"""Turns fetched at a time by :meth:`SQLiteStore.load_recent_turns` while it walks back."""
+
+_INSERT_TURN = (
+    "INSERT INTO turns (conversation_id, role, content, created_at, tokens, status)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_TURN_COLUMNS = "conversation_id, role, content, created_at, tokens, status"
+_ADD_USAGE = (
+    "INSERT INTO usage (day, user_id, key_id, requests, prompt_tokens, completion_tokens)"
+    " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (day, user_id, key_id) DO UPDATE SET"
+    " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens"
+)
+_INSERT_INBOX = (
+    "INSERT OR IGNORE INTO inbox (message_id, conversation_id, payload, received_at, delivery)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _turn_row(turn: Turn) -> tuple[Any, ...]:
+    return (
+        turn.conversation_id,
+        turn.role,
+        turn.content,
+        turn.created_at,
+        turn.tokens,
+        turn.status,
+    )
+
+
+def _turn_of(row: sqlite3.Row) -> Turn:
+    return Turn(
+        conversation_id=row["conversation_id"],
+        role=cast(Role, row["role"]),
+        content=row["content"],
+        created_at=row["created_at"],
+        tokens=row["tokens"],
+        status=cast(TurnStatus, row["status"]),
+    )
+
+
+def _inbox_row(entry: InboxEntry) -> tuple[Any, ...]:
+    return (
+        entry.message_id,
+        entry.conversation_id,
+        entry.payload,
+        entry.received_at,
+        entry.delivery,
+    )
 
 
 class SQLiteStore:
@@ -127,6 +208,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             connection.close()
             raise StoreError(f"cannot prepare the SQLite store at {self.path}: {exc}") from None
+        except BaseException:
+            connection.close()
+            raise
         self._connection = connection
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
@@ -162,41 +246,73 @@ class SQLiteStore:
     def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return list(self._db().execute(sql, parameters).fetchall())
 
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; on any error ``ROLLBACK``, so nothing is written.
+
+        A database error becomes a :class:`StoreError` naming ``what`` was being done.
+        """
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:  # some errors (a full disk) have rolled it back already
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot {what} in {self.path}: {exc}") from exc
+            raise
+
     # ---- history ---------------------------------------------------------------------------
 
     async def append_turn(self, turn: Turn) -> None:
         """Add a turn at the end of its conversation."""
-        await self._run(
-            self._write,
-            "INSERT INTO turns (conversation_id, role, content, created_at, tokens)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (turn.conversation_id, turn.role, turn.content, turn.created_at, turn.tokens),
-        )
+        await self._run(self._write, _INSERT_TURN, _turn_row(turn))
 
     async def load_turns(self, conversation_id: str) -> list[Turn]:
         """All turns of a conversation, oldest first."""
         rows = await self._run(
             self._read,
-            "SELECT conversation_id, role, content, created_at, tokens FROM turns"
-            " WHERE conversation_id = ? ORDER BY id",
+            f"SELECT {_TURN_COLUMNS} FROM turns WHERE conversation_id = ? ORDER BY id",  # noqa: S608
             (conversation_id,),
         )
-        return [
-            Turn(
-                conversation_id=row["conversation_id"],
-                role=cast(Role, row["role"]),
-                content=row["content"],
-                created_at=row["created_at"],
-                tokens=row["tokens"],
-            )
-            for row in rows
-        ]
+        return [_turn_of(row) for row in rows]
+
+    async def load_recent_turns(self, conversation_id: str, max_tokens: int) -> list[Turn]:
+        """The newest turns that fit ``max_tokens``, oldest first; reads no further back."""
+        return await self._run(self._recent_sync, conversation_id, max_tokens)
+
+    def _recent_sync(self, conversation_id: str, max_tokens: int) -> list[Turn]:
+        # Walks the (conversation_id, id) index backwards a page at a time: the cursor steps
+        # lazily, so closing it early leaves the older turns unread.
+        cursor = self._db().execute(
+            f"SELECT {_TURN_COLUMNS} FROM turns"  # noqa: S608
+            " WHERE conversation_id = ? ORDER BY id DESC",
+            (conversation_id,),
+        )
+        newest_first: list[Turn] = []
+        budget = max_tokens
+        try:
+            while page := cursor.fetchmany(RECENT_PAGE):
+                for row in page:
+                    if row["tokens"] > budget:
+                        return newest_first[::-1]
+                    budget -= row["tokens"]
+                    newest_first.append(_turn_of(row))
+        finally:
+            cursor.close()
+        return newest_first[::-1]
 
     async def clear_conversation(self, conversation_id: str) -> int:
         """Forget a conversation's turns; return how many were removed."""
         return await self._run(
             self._write, "DELETE FROM turns WHERE conversation_id = ?", (conversation_id,)
         )
+
+    async def prune_turns(self, older_than: float) -> int:
+        """Delete every turn created before ``older_than``; return how many."""
+        return await self._run(self._write, "DELETE FROM turns WHERE created_at < ?", (older_than,))
 
     # ---- dedup -----------------------------------------------------------------------------
 
@@ -234,9 +350,7 @@ class SQLiteStore:
         return await self._run(self._accept_sync, entry, self._clock(), ttl_s)
 
     def _accept_sync(self, entry: InboxEntry, now: float, ttl_s: float) -> bool:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction("accept a message") as db:
             fresh = db.execute(
                 "INSERT INTO processed (key, expires_at) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
@@ -244,35 +358,22 @@ class SQLiteStore:
                 (f"accepted:{entry.message_id}", now + ttl_s, now),
             ).rowcount
             if fresh:
-                db.execute(
-                    "INSERT OR IGNORE INTO inbox"
-                    " (message_id, conversation_id, payload, received_at) VALUES (?, ?, ?, ?)",
-                    (entry.message_id, entry.conversation_id, entry.payload, entry.received_at),
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+                db.execute(_INSERT_INBOX, _inbox_row(entry))
         return fresh > 0
 
     async def inbox_add(self, entry: InboxEntry) -> None:
         """Record a message awaiting its answer (idempotent per message id)."""
-        await self._run(
-            self._write,
-            "INSERT OR IGNORE INTO inbox (message_id, conversation_id, payload, received_at)"
-            " VALUES (?, ?, ?, ?)",
-            (entry.message_id, entry.conversation_id, entry.payload, entry.received_at),
-        )
+        await self._run(self._write, _INSERT_INBOX, _inbox_row(entry))
 
     async def inbox_remove(self, message_id: str) -> None:
         """The message was answered (or refused): forget it."""
         await self._run(self._write, "DELETE FROM inbox WHERE message_id = ?", (message_id,))
 
     async def inbox_list(self) -> list[InboxEntry]:
-        """Every message still awaiting an answer, oldest first."""
+        """Every message still awaiting an answer, oldest first, with its ``delivery``."""
         rows = await self._run(
             self._read,
-            "SELECT message_id, conversation_id, payload, received_at FROM inbox"
+            "SELECT message_id, conversation_id, payload, received_at, delivery FROM inbox"
             " ORDER BY received_at, rowid",
         )
         return [
@@ -281,9 +382,60 @@ class SQLiteStore:
                 conversation_id=row["conversation_id"],
                 payload=row["payload"],
                 received_at=row["received_at"],
+                delivery=row["delivery"],
             )
             for row in rows
         ]
+
+    async def inbox_set_delivery(self, message_id: str, delivery: str | None) -> None:
+        """Replace the ``delivery`` record of an inbox entry; nothing when it is not there."""
+        await self._run(
+            self._write,
+            "UPDATE inbox SET delivery = ? WHERE message_id = ?",
+            (delivery, message_id),
+        )
+
+    async def inbox_reject(self, message_id: str, reason: str) -> None:
+        """Move an inbox entry to ``inbox_rejected`` with ``reason``; nothing when it is absent."""
+        await self._run(self._reject_sync, message_id, reason, self._clock())
+
+    def _reject_sync(self, message_id: str, reason: str, now: float) -> None:
+        with self._transaction("set an inbox message aside") as db:
+            db.execute(
+                "INSERT OR REPLACE INTO inbox_rejected"
+                " (message_id, conversation_id, payload, received_at, reason, moved_at)"
+                " SELECT message_id, conversation_id, payload, received_at, ?, ? FROM inbox"
+                " WHERE message_id = ?",
+                (reason, now, message_id),
+            )
+            db.execute("DELETE FROM inbox WHERE message_id = ?", (message_id,))
+
+    async def complete_message(
+        self, message_ids: Sequence[str], turns: Sequence[Turn], usage: UsageRecord | None
+    ) -> None:
+        """Append ``turns``, count ``usage``, clear ``message_ids`` from the inbox: atomically."""
+        await self._run(self._complete_sync, list(message_ids), list(turns), usage)
+
+    def _complete_sync(
+        self, message_ids: list[str], turns: list[Turn], usage: UsageRecord | None
+    ) -> None:
+        with self._transaction("record the answer") as db:
+            for turn in turns:
+                db.execute(_INSERT_TURN, _turn_row(turn))
+            if usage is not None:
+                db.execute(
+                    _ADD_USAGE,
+                    (
+                        usage.day,
+                        usage.user_id,
+                        usage.key_id,
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                    ),
+                )
+            db.executemany(
+                "DELETE FROM inbox WHERE message_id = ?", [(each,) for each in message_ids]
+            )
 
     # ---- keys ------------------------------------------------------------------------------
 
@@ -344,12 +496,7 @@ class SQLiteStore:
     ) -> None:
         """Count one request and its tokens for (day, user, key)."""
         await self._run(
-            self._write,
-            "INSERT INTO usage (day, user_id, key_id, requests, prompt_tokens, completion_tokens)"
-            " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (day, user_id, key_id) DO UPDATE SET"
-            " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-            " completion_tokens = completion_tokens + excluded.completion_tokens",
-            (day, user_id, key_id, prompt_tokens, completion_tokens),
+            self._write, _ADD_USAGE, (day, user_id, key_id, prompt_tokens, completion_tokens)
         )
 
     async def usage_for_day(self, day: str) -> list[Usage]:

@@ -1,0 +1,111 @@
+"""What the conversation service answers with: reply events and the :class:`Reply` carrying them.
+
+A reply is a stream of events (text as it comes, notices, then one final event). Nothing is
+saved while it streams: the transport delivers the answer and then calls :meth:`Reply.commit`,
+which saves the exchange and clears the message from the inbox in one store transaction. So an
+answer that was never delivered leaves no trace in the history, and a delivered one is never
+saved twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from bot.chat.ordering import Turn as QueueTurn
+from bot.store import Store, Turn, UsageRecord
+
+
+@dataclass(frozen=True)
+class ReplyDelta:
+    """More text of the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyNotice:
+    """Something the user should see while waiting (shown beside the answer, not part of it)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What a delivered reply adds to the store: history turns and the usage it cost."""
+
+    turns: tuple[Turn, ...] = ()
+    usage: UsageRecord | None = None
+
+
+@dataclass(frozen=True)
+class ReplyFinished:
+    """The reply is over. ``text`` is the whole answer; ``note`` is shown after it.
+
+    ``complete`` is False when the answer stopped early (then ``note`` says why). ``exchange``
+    is saved once the reply was delivered.
+    """
+
+    text: str
+    note: str | None = None
+    complete: bool = True
+    exchange: Exchange = Exchange()
+
+
+@dataclass(frozen=True)
+class ReplyFailed:
+    """No answer could be produced; ``message`` is short, polite and safe to show."""
+
+    message: str
+    reason: str
+
+
+ReplyEvent = ReplyDelta | ReplyNotice | ReplyFinished | ReplyFailed
+
+
+class Reply:
+    """The reply events to one message; iterate them, then :meth:`commit` or :meth:`aclose`.
+
+    Its place in the conversation's queue is taken when it is created, so replies are ordered by
+    arrival even if their consumers start late; the next message of the conversation waits until
+    this reply is committed or closed.
+    """
+
+    def __init__(self, events: AsyncIterator[ReplyEvent], turn: QueueTurn, store: Store) -> None:
+        self._events = events
+        self._turn = turn
+        self._store = store
+        self.final: ReplyFinished | ReplyFailed | None = None
+
+    @property
+    def queued(self) -> bool:
+        """Whether the reply still waits for an earlier message of its conversation."""
+        return self._turn.waiting
+
+    def __aiter__(self) -> Reply:
+        return self
+
+    async def __anext__(self) -> ReplyEvent:
+        event = await self._events.__anext__()
+        if isinstance(event, ReplyFinished | ReplyFailed):
+            self.final = event
+        return event
+
+    async def commit(self, message_ids: Sequence[str] = ()) -> None:
+        """The reply was delivered: save its exchange and clear ``message_ids`` from the inbox
+        (one transaction), then let the conversation's next message go."""
+        try:
+            exchange = self.final.exchange if isinstance(self.final, ReplyFinished) else Exchange()
+            if exchange.turns or exchange.usage is not None or message_ids:
+                await self._store.complete_message(message_ids, exchange.turns, exchange.usage)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop (cancels an LLM request still running), save nothing, free the conversation."""
+        try:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._turn.finish()

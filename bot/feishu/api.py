@@ -1,0 +1,313 @@
+"""The Feishu REST calls on the answer path, each with a bounded retry and a typed error.
+
+The channel's helpers either swallow failures (its CardKit update queue only logs them), retry
+codes that are final, or report an unsent card as an empty message id. The answer path needs to
+know exactly what happened, so it calls the open platform through the SDK's own client
+(``lark_oapi.Client.arequest``: token handling, headers and transport stay the SDK's) and reads
+every answer itself:
+
+- transient failures (5xx, timeouts, connection errors, unreadable bodies, HTTP 429 or code
+  99991400 honouring Feishu's reset hint, an expired tenant token) are retried with jittered
+  exponential backoff (tenacity), a bounded number of times;
+- everything else is final and raised at once as :class:`FeishuApiError`, which says whether a
+  scope is missing (``99991672``: the scope is named in the message) so the caller can fall back
+  and remember it.
+
+Reply requests carry a ``uuid``: Feishu answers a repeated uuid (within an hour) with the message
+it already created, so a retry after a lost response never posts a second reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from bot.logging import get_logger
+
+log = get_logger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+#: Feishu's "request trigger frequency limit"
+CODE_RATE_LIMITED = 99991400
+#: "Access denied. One of the following scopes is required: [...]"
+CODE_SCOPE_MISSING = 99991672
+#: the app's tenant token is missing, invalid or expired
+CODES_TOKEN_INVALID = frozenset({99991661, 99991663, 99991664, 99991668})
+#: the message was recalled / is too old to edit / the card is too large / bad sequence
+CODE_RECALLED = 230011
+CODE_EDIT_WINDOW_PASSED = 230031
+CODE_CARD_TOO_LARGE = 230025
+CODE_SEQUENCE_NOT_INCREASING = 300317
+
+_SCOPE_IN_MESSAGE = re.compile(r"\[([A-Za-z0-9_:.\-, ]+)\]")
+_MAX_RESET_HINT_S = 60.0
+
+
+class FeishuApiError(Exception):
+    """A Feishu REST call that failed for good (after retries, if it was worth retrying)."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        code: int,
+        msg: str,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{what} failed: {msg} (code {code}, HTTP {status or '-'})")
+        self.what = what
+        self.code = code
+        self.msg = msg
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    @property
+    def missing_scope(self) -> str | None:
+        """The scope Feishu says is missing (``cardkit:card:write``), if that is the error."""
+        if self.code != CODE_SCOPE_MISSING:
+            return None
+        match = _SCOPE_IN_MESSAGE.search(self.msg)
+        return match.group(1).split(",")[0].strip() if match else "(see the message)"
+
+    @property
+    def rate_limited(self) -> bool:
+        """Whether Feishu refused the call for its rate limit."""
+        return self.code == CODE_RATE_LIMITED or self.status == 429
+
+
+class FeishuApi:
+    """The answer path's REST calls. ``client`` is the SDK's ``lark_oapi.Client``."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        attempts: int = 4,
+        max_backoff_s: float = 8.0,
+        sleep: Sleep = asyncio.sleep,
+        on_token_invalid: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._client = client
+        self._attempts = attempts
+        self._max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._on_token_invalid = on_token_invalid
+
+    # ---- the calls ---------------------------------------------------------------------------
+
+    async def create_card(self, card: Mapping[str, Any]) -> str:
+        """Create a CardKit card entity; return its card id."""
+        body = {"type": "card_json", "data": json.dumps(card, ensure_ascii=False)}
+        data = await self.call("card_create", "POST", "/open-apis/cardkit/v1/cards", body=body)
+        card_id = str(data.get("card_id") or "")
+        if not card_id:
+            raise FeishuApiError("card_create", code=-1, msg="no card_id in the answer")
+        return card_id
+
+    async def reply(
+        self,
+        message_id: str,
+        msg_type: str,
+        content: Mapping[str, Any],
+        *,
+        in_thread: bool,
+        uuid: str,
+    ) -> str:
+        """Reply to ``message_id``; return the new message's id. Idempotent per ``uuid``."""
+        body: dict[str, Any] = {
+            "msg_type": msg_type,
+            "content": json.dumps(content, ensure_ascii=False),
+            "uuid": uuid,
+        }
+        if in_thread:
+            body["reply_in_thread"] = True
+        data = await self.call(
+            "message_reply",
+            "POST",
+            "/open-apis/im/v1/messages/:message_id/reply",
+            paths={"message_id": message_id},
+            body=body,
+        )
+        sent = str(data.get("message_id") or "")
+        if not sent:
+            raise FeishuApiError("message_reply", code=-1, msg="no message_id in the answer")
+        return sent
+
+    async def set_card_text(
+        self, card_id: str, element_id: str, text: str, sequence: int, *, retry: bool = True
+    ) -> None:
+        """Replace the text of a card's markdown element (``sequence`` must increase)."""
+        await self.call(
+            "card_text",
+            "PUT",
+            "/open-apis/cardkit/v1/cards/:card_id/elements/:element_id/content",
+            paths={"card_id": card_id, "element_id": element_id},
+            body={"content": text, "sequence": sequence},
+            retry=retry,
+        )
+
+    async def set_card_streaming(self, card_id: str, streaming: bool, sequence: int) -> None:
+        """Switch a card's streaming mode on or off (off shows it as finished)."""
+        settings = json.dumps({"config": {"streaming_mode": streaming}})
+        await self.call(
+            "card_settings",
+            "PATCH",
+            "/open-apis/cardkit/v1/cards/:card_id/settings",
+            paths={"card_id": card_id},
+            body={"settings": settings, "sequence": sequence},
+        )
+
+    async def patch_card_message(
+        self, message_id: str, card: Mapping[str, Any], *, retry: bool = True
+    ) -> None:
+        """Replace the card of an ``interactive`` message (Feishu allows about 2 per second)."""
+        await self.call(
+            "message_patch",
+            "PATCH",
+            "/open-apis/im/v1/messages/:message_id",
+            paths={"message_id": message_id},
+            body={"content": json.dumps(card, ensure_ascii=False)},
+            retry=retry,
+        )
+
+    # ---- the machinery -----------------------------------------------------------------------
+
+    async def call(
+        self,
+        what: str,
+        method: str,
+        uri: str,
+        *,
+        paths: Mapping[str, str] | None = None,
+        body: Any = None,
+        retry: bool = True,
+    ) -> dict[str, Any]:
+        """Make the call (retrying transient failures unless ``retry`` is False); return its
+        ``data`` or raise :class:`FeishuApiError`."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._attempts if retry else 1),
+            retry=retry_if_exception(lambda exc: isinstance(exc, FeishuApiError) and exc.retryable),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._call_once(what, method, uri, paths or {}, body)
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(error, FeishuApiError) and error.retry_after is not None:
+            return error.retry_after
+        backoff = wait_random_exponential(multiplier=0.5, max=self._max_backoff_s)
+        return float(backoff(state))
+
+    async def _before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        if not isinstance(error, FeishuApiError):
+            return
+        log.warning(
+            "feishu_call_retried",
+            call=error.what,
+            code=error.code,
+            status=error.status,
+            attempt=state.attempt_number,
+            reason=error.msg[:200],
+        )
+        if error.code in CODES_TOKEN_INVALID and self._on_token_invalid is not None:
+            await self._on_token_invalid()
+
+    async def _call_once(
+        self, what: str, method: str, uri: str, paths: Mapping[str, str], body: Any
+    ) -> dict[str, Any]:
+        from lark_oapi.core.enum import AccessTokenType, HttpMethod
+        from lark_oapi.core.model import BaseRequest
+
+        request = BaseRequest()
+        request.http_method = HttpMethod[method]
+        request.uri = uri
+        request.paths = dict(paths)
+        request.token_types = {AccessTokenType.TENANT}
+        request.body = body
+        try:
+            response = await self._client.arequest(request)
+            raw = response.raw
+            status = int(getattr(raw, "status_code", 0) or 0)
+            headers = {str(k).lower(): str(v) for k, v in dict(raw.headers or {}).items()}
+            content = bytes(raw.content or b"")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # transport failures and bodies the SDK could not read
+            raise FeishuApiError(
+                what, code=-1, msg=f"{type(exc).__name__}: {exc}", retryable=True
+            ) from None
+        return _read_answer(what, status, headers, content)
+
+
+def _read_answer(
+    what: str, status: int, headers: Mapping[str, str], content: bytes
+) -> dict[str, Any]:
+    try:
+        answer = json.loads(content.decode("utf-8")) if content else {}
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise FeishuApiError(
+            what,
+            code=-1,
+            msg=f"unreadable answer: {content[:120]!r}",
+            status=status,
+            retryable=status >= 500 or status == 429 or status == 0,
+        )
+    code = _as_int(answer.get("code"), default=0 if status < 400 else -1)
+    if code == 0 and 200 <= status < 300:
+        data = answer.get("data")
+        return data if isinstance(data, dict) else {}
+    msg = str(answer.get("msg") or f"HTTP {status}")
+    rate_limited = status == 429 or code == CODE_RATE_LIMITED
+    raise FeishuApiError(
+        what,
+        code=code,
+        msg=msg,
+        status=status,
+        retryable=rate_limited or status >= 500 or code in CODES_TOKEN_INVALID,
+        retry_after=_reset_hint(headers) if rate_limited else None,
+    )
+
+
+def _reset_hint(headers: Mapping[str, str]) -> float | None:
+    """Seconds until Feishu lifts a rate limit, from its headers (capped), if it says."""
+    for name in ("x-ogw-ratelimit-reset", "retry-after"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            continue
+        return min(max(seconds, 0.0), _MAX_RESET_HINT_S)
+    return None
+
+
+def _as_int(value: Any, *, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,177 @@
+"""The one place that knows the Feishu SDK's private parts the bot relies on.
+
+lark-oapi offers no public way to hand it a tenant access token that every client in the
+process will use, nor to read when its cached token expires. The bot needs both to fetch the
+token off the event loop (see :mod:`bot.feishu.token_keeper`), so it reaches into the SDK here,
+and only here. Each access below says why it exists; on an SDK upgrade re-read the files named
+and run ``tests/test_token_keeper.py``.
+
+* **The token cache** (``lark_oapi/core/token/manager.py``): ``TokenManager.cache`` is a class
+  attribute shared by every client of the process (``ClientBuilder.cache()`` replaces it for
+  everyone). The generated resources call ``verify()`` (``core/token/auth.py``) before every
+  request, which calls ``TokenManager.get_self_tenant_token``: a cache hit under the key
+  ``self_tenant_token:{app_id}`` is used as is; a miss fetches a new token with blocking
+  ``requests`` (``core/http/transport.py``), even inside the ``a…`` methods, on whatever loop
+  made the call. Re-check: the key format, that ``verify`` still reads the cache before
+  fetching, and the SDK's own expiry convention (it stores ``now + expire - 600`` as an integer
+  Unix time, :data:`SDK_TOKEN_EARLY_EXPIRY_S`).
+* **The default cache's entries** (``lark_oapi/core/cache/local_cache.py``): ``LocalCache`` keeps
+  ``{key: ValueWrap(value, expire)}`` in its ``cache`` dict, which is the only way to learn a
+  cached token's expiry. ``set`` is one dict assignment, so replacing a token is atomic for
+  readers on other threads (the long connection runs on its own); ``get`` deletes an entry it
+  finds expired, which can only race a replacement when the old token had already expired.
+  Re-check: ``cache``, ``ValueWrap.value`` and ``ValueWrap.expire``, and that ``set`` still
+  replaces in one step.
+* **The client builder's logger side effect** (``lark_oapi/client.py``, ``_init_logger``):
+  ``ClientBuilder.build()`` sets the level of the process-wide ``Lark`` logger, which would undo
+  the level that :func:`bot.logging.configure_logging` chose. :func:`build_client` restores it.
+* **The long connection's event loop** (``lark_oapi/ws/client.py``): the module binds a global
+  ``loop`` at import (the running loop, if imported inside one) and ``Client.start()`` runs on
+  it; :func:`give_ws_client_its_own_loop` assigns a fresh one before the channel starts, so it
+  can never be the bot's loop. Re-check: the module-level ``loop`` name and its use in
+  ``start()``.
+* **The reconnect flag** (same file): ``Client._auto_reconnect`` is read after every dropped
+  connection, and the channel's stop drops the connection on purpose;
+  :func:`disable_auto_reconnect` clears it first so a stopping bot does not reconnect.
+  Re-check: the attribute name and where ``start()`` / the receive loop read it.
+* **The version range** this knowledge was checked against, :data:`SUPPORTED`:
+  :func:`check_sdk_version` warns at startup when another version is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import re
+from typing import Any, Final
+
+from bot.logging import SDK_LOGGER, get_logger
+
+log = get_logger(__name__)
+
+SDK_DISTRIBUTION: Final = "lark-oapi"
+_TESTED_FROM: Final = (1, 7, 5)
+_TESTED_BELOW: Final = (1, 8)
+SUPPORTED: Final = f">={'.'.join(map(str, _TESTED_FROM))},<{'.'.join(map(str, _TESTED_BELOW))}"
+"""The lark-oapi versions whose private parts this module was checked against."""
+
+SDK_TOKEN_EARLY_EXPIRY_S: Final = 600
+"""The SDK caches a token as expiring this long before Feishu's ``expire`` says it does."""
+
+_RELEASE = re.compile(r"\d+(?:\.\d+)*")
+
+
+def installed_sdk_version() -> str | None:
+    """The installed lark-oapi version, or ``None`` if its metadata cannot be found."""
+    try:
+        return importlib.metadata.version(SDK_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    match = _RELEASE.match(version.strip())
+    return tuple(int(part) for part in match.group().split(".")) if match else None
+
+
+def check_sdk_version() -> bool:
+    """Whether the installed lark-oapi is in :data:`SUPPORTED`; log a warning when it is not.
+
+    Call it once at startup: outside the tested range the private parts this module reaches
+    into may have moved, and the warning names the version so the reader knows what to check.
+    """
+    installed = installed_sdk_version()
+    release = _release(installed) if installed is not None else None
+    if release is not None and _TESTED_FROM <= release < _TESTED_BELOW:
+        return True
+    log.warning(
+        "lark_oapi_version_untested",
+        installed=installed,
+        supported=SUPPORTED,
+        hint="the bot relies on SDK internals checked only in the supported range; "
+        "see bot/feishu/sdk_compat.py for what to re-check",
+    )
+    return False
+
+
+def build_client(*, app_id: str, app_secret: str, domain: str, timeout_s: float) -> Any:
+    """A ``lark_oapi.Client`` for the app, leaving the ``Lark`` logger's level as it was."""
+    import lark_oapi as lark
+
+    sdk_logger = logging.getLogger(SDK_LOGGER)
+    level = sdk_logger.level
+    try:
+        return (
+            lark.Client.builder()
+            .app_id(app_id)
+            .app_secret(app_secret)
+            .domain(domain)
+            .timeout(timeout_s)
+            .log_level(lark.LogLevel.ERROR)
+            .build()
+        )
+    finally:
+        sdk_logger.setLevel(level)
+
+
+def _token_cache() -> Any:
+    from lark_oapi.core.token.manager import TokenManager
+
+    return TokenManager.cache  # looked up on every use: ClientBuilder.cache() may replace it
+
+
+def tenant_token_cache_key(app_id: str) -> str:
+    """The key under which the SDK caches the self-built app's tenant access token."""
+    return f"self_tenant_token:{app_id}"
+
+
+def store_tenant_token(app_id: str, token: str, expires_at: float) -> None:
+    """Put ``token`` in the SDK's process-wide cache; the SDK uses it until ``expires_at``.
+
+    ``expires_at`` is a Unix time (the SDK compares it with ``time.time()``), already in the
+    SDK's convention: pass Feishu's expiry minus :data:`SDK_TOKEN_EARLY_EXPIRY_S`. It is
+    rounded down, as the SDK does. The entry is replaced in one step, never removed first.
+    """
+    _token_cache().set(tenant_token_cache_key(app_id), token, int(expires_at))
+
+
+def cached_tenant_token(app_id: str) -> str | None:
+    """The tenant token the SDK would use now for ``app_id`` (``None``: it would fetch one)."""
+    token = _token_cache().get(tenant_token_cache_key(app_id))
+    return token if isinstance(token, str) and token else None
+
+
+def cached_tenant_token_expiry(app_id: str) -> float | None:
+    """Until when the SDK's cache holds ``app_id``'s tenant token, as a Unix time.
+
+    ``None`` when no token is cached, or when the cache is not the SDK's default
+    ``LocalCache`` (a custom ``ICache`` offers no way to read an expiry). The value may lie in
+    the past: the SDK drops such an entry at its next read.
+    """
+    from lark_oapi.core.cache import LocalCache
+
+    cache = _token_cache()
+    if not isinstance(cache, LocalCache):
+        return None
+    entry = cache.cache.get(tenant_token_cache_key(app_id))
+    return float(entry.expire) if entry is not None else None
+
+
+def give_ws_client_its_own_loop() -> asyncio.AbstractEventLoop:
+    """Give the SDK's WebSocket client a new event loop to run on; return that loop.
+
+    Call it before the channel starts its long connection; whoever calls it owns the loop
+    (close it once the SDK's thread has stopped).
+    """
+    import lark_oapi.ws.client as ws_client_module
+
+    loop = asyncio.new_event_loop()
+    ws_client_module.loop = loop
+    return loop
+
+
+def disable_auto_reconnect(ws_client: Any) -> None:
+    """Stop the SDK's WebSocket client (``None``: none yet) from reconnecting once dropped."""
+    if ws_client is not None:
+        ws_client._auto_reconnect = False

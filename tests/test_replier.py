@@ -1,0 +1,342 @@
+"""Delivering replies into Feishu: every REST failure on the answer path, and what the user sees.
+
+The real SDK client talks to the fake Feishu (own thread) over sockets; the reply events come
+from a generator the test controls. Retry waits are injected (no real backoff), so the suite is
+fast and deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished
+from bot.feishu import sdk_compat
+from bot.feishu.api import FeishuApi
+from bot.feishu.replier import (
+    CUT_SHORT_NOTE,
+    MOVED_NOTE,
+    SUPERSEDED_NOTE,
+    CardReplier,
+    DeliveryRecord,
+    ReplyTarget,
+    StreamedReply,
+)
+from bot.feishu.token_keeper import TenantTokenKeeper
+from bot.logging import configure_logging
+from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
+
+
+@dataclass
+class Setup:
+    """The fake, a replier wired to it, and a message of a user to reply to."""
+
+    thread: FakeFeishuThread
+    replier: CardReplier
+    sleeps: list[float]
+    saved: list[str] = field(default_factory=list)
+
+    @property
+    def fs(self) -> FakeFeishu:
+        return self.thread.fake
+
+    def user_message(self, sample: str = "p2p_text") -> ReplyTarget:
+        frame = self.thread.deliver(sample, text="hello")  # no connection: recorded, not sent
+        delivery = self.fs.delivery(frame)
+        message_id = delivery.message_id or ""
+        chat_id = str(delivery.event["event"]["message"]["chat_id"])
+        return ReplyTarget(chat_id=chat_id, message_id=message_id, in_thread=sample != "p2p_text")
+
+    async def persist(self, record: DeliveryRecord) -> None:
+        self.saved.append(record.to_json())
+
+    async def stream(
+        self,
+        target: ReplyTarget,
+        events: AsyncIterator[ReplyEvent],
+        record: DeliveryRecord | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> StreamedReply:
+        return await self.replier.stream(
+            target, events, record=record or DeliveryRecord(), persist=self.persist, stop=stop
+        )
+
+    def card_text(self, target: ReplyTarget) -> str:
+        (reply,) = self.fs.replies_to(target.message_id)
+        assert reply.card_id is not None
+        card = self.fs.card(reply.card_id)
+        assert card.closed
+        return card.text
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFeishuThread]:
+    app = FakeFeishu(app_id=f"cli_replier_{uuid.uuid4().hex[:12]}")
+    with app.run_in_thread() as running:
+        yield running
+
+
+@pytest.fixture
+async def setup(fake: FakeFeishuThread) -> AsyncIterator[Setup]:
+    fs = fake.fake
+    keeper = TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain)
+    await keeper.start()
+    sleeps: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    client = sdk_compat.build_client(
+        app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=5
+    )
+    api = FeishuApi(client, sleep=no_wait)
+    try:
+        yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps)
+    finally:
+        await keeper.aclose()
+
+
+async def answer(*parts: str, note: str | None = None) -> AsyncIterator[ReplyEvent]:
+    for part in parts:
+        yield ReplyDelta(part)
+    yield ReplyFinished("".join(parts), note=note)
+
+
+class Feed:
+    """Reply events the test releases one by one."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[ReplyEvent | None] = asyncio.Queue()
+
+    def put(self, event: ReplyEvent | None) -> None:
+        self.queue.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[ReplyEvent]:
+        while (event := await self.queue.get()) is not None:
+            yield event
+
+
+# ---- the happy path --------------------------------------------------------------------------
+
+
+async def test_an_answer_streams_into_one_cardkit_card_that_ends_closed(setup: Setup) -> None:
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Hello ", "there, ", "friend."))
+    assert result.outcome == "complete"
+    assert result.undelivered == ""
+    assert setup.card_text(target) == "Hello there, friend."
+    (reply,) = setup.fs.replies_to(target.message_id)
+    assert result.message_ids == [reply.message_id]
+    card = setup.fs.card(reply.card_id or "")
+    assert card.sequences == sorted(set(card.sequences))
+    record = DeliveryRecord.from_json(setup.saved[-1])
+    assert [c.card_id for c in record.cards] == [reply.card_id]
+    assert [c.message_id for c in record.cards] == [reply.message_id]
+
+
+async def test_a_model_answer_cannot_mention_everyone(setup: Setup) -> None:
+    target = setup.user_message()
+    await setup.stream(target, answer('Hi <at id=all></at> and <at user_id="all">all</at>!'))
+    text = setup.card_text(target)
+    assert "<at id=all>" not in text
+    assert '<at user_id="all">' not in text
+    assert "all" in text
+
+
+# ---- card creation and sending fail ----------------------------------------------------------
+
+
+async def test_a_500_on_card_creation_is_retried_and_the_answer_arrives_whole(
+    setup: Setup,
+) -> None:
+    setup.fs.fail("card_create", 1, "internal error", http_status=500, times=1)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("The whole ", "answer."))
+    assert result.outcome == "complete"
+    assert setup.card_text(target) == "The whole answer."
+    assert len(setup.fs.calls_to("card_create")) == 2
+    assert len(setup.sleeps) == 1  # one backoff before the retry
+
+
+async def test_cardkit_refused_for_a_missing_scope_falls_back_to_a_patched_card_once(
+    setup: Setup,
+) -> None:
+    logs = io.StringIO()
+    configure_logging(level="info", json=True, stream=logs)
+    setup.fs.fail("card_create", "no_permission_cardkit", times=None)
+    first, second = setup.user_message(), setup.user_message()
+    await setup.stream(first, answer("First ", "answer."))
+    await setup.stream(second, answer("Second answer."))
+    for target, expected in ((first, "First answer."), (second, "Second answer.")):
+        (reply,) = setup.fs.replies_to(target.message_id)
+        assert reply.msg_type == "interactive"
+        assert reply.card_id is None
+        assert setup.fs.message_text(reply.message_id) == expected
+    assert len(setup.fs.calls_to("card_create")) == 1  # remembered: not asked again
+    configure_logging(level="warning", stream=io.StringIO())
+    warnings = [json.loads(line) for line in logs.getvalue().splitlines() if "scope" in line]
+    assert [w["scope"] for w in warnings if w["event"] == "feishu_scope_missing"] == [
+        "cardkit:card:write"
+    ]
+
+
+async def test_when_no_card_can_be_sent_the_answer_goes_out_as_text(setup: Setup) -> None:
+    setup.fs.fail("card_create", 1, "internal error", http_status=503, times=None)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Plain ", "but complete."))
+    assert result.undelivered == ""
+    assert setup.fs.reply_texts(target.message_id) == ["Plain but complete."]
+
+
+async def test_a_reply_feishu_never_takes_is_returned_as_undelivered(setup: Setup) -> None:
+    setup.fs.fail("message_reply", 1, "internal error", http_status=500, times=None)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Keep ", "me."))
+    assert result.undelivered == "Keep me."
+    assert result.permanent is False
+    assert setup.fs.replies_to(target.message_id) == []
+
+
+async def test_a_recalled_question_is_undeliverable_for_good(setup: Setup) -> None:
+    setup.fs.fail("message_reply", "message_recalled", times=None)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Nobody will read this."))
+    assert result.undelivered == "Nobody will read this."
+    assert result.permanent is True
+
+
+async def test_send_text_retries_a_blip_and_is_idempotent(setup: Setup) -> None:
+    setup.fs.fail("message_reply", 1, "bad gateway", http_status=502, times=2)
+    target = setup.user_message()
+    result = await setup.replier.send_text(
+        target, "Only once.", record=DeliveryRecord(), persist=setup.persist
+    )
+    again = await setup.replier.send_text(
+        target, "Only once.", record=DeliveryRecord(), persist=setup.persist
+    )
+    assert result.undelivered == ""
+    assert again.undelivered == ""
+    assert setup.fs.reply_texts(target.message_id) == ["Only once."]  # same uuid, one message
+
+
+# ---- updates and the final text fail ---------------------------------------------------------
+
+
+async def test_when_the_final_update_fails_the_answer_follows_as_a_message(setup: Setup) -> None:
+    setup.fs.fail("card_element_content", 230099, "card content failed", times=None)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("The end ", "must arrive."))
+    assert result.undelivered == ""
+    replies = setup.fs.replies_to(target.message_id)
+    assert [r.msg_type for r in replies] == ["interactive", "text"]
+    assert setup.fs.message_text(replies[1].message_id) == "The end must arrive."
+    card = setup.fs.card(replies[0].card_id or "")
+    assert card.closed  # never left spinning
+
+
+async def test_a_rate_limited_update_pauses_updates_and_the_final_text_still_lands(
+    setup: Setup,
+) -> None:
+    feed = Feed()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events()))
+    feed.put(ReplyDelta("one "))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    setup.fs.fail("card_element_content", "rate_limited", headers={"x-ogw-ratelimit-reset": "30"})
+    feed.put(ReplyDelta("two "))
+    await setup.fs.wait_for_calls("card_element_content", 2, timeout=10)
+    for word in ("three ", "four "):
+        feed.put(ReplyDelta(word))
+        await asyncio.sleep(0.05)  # several update intervals pass: none may be sent
+    assert len(setup.fs.calls_to("card_element_content")) == 2  # paused by the reset hint
+    feed.put(ReplyFinished("one two three four"))
+    feed.put(None)
+    result = await asyncio.wait_for(streaming, 10)
+    assert result.outcome == "complete"
+    assert setup.card_text(target) == "one two three four"
+
+
+async def test_a_sequence_conflict_on_the_final_update_leaps_forward(setup: Setup) -> None:
+    setup.fs.fail("card_element_content", "card_sequence_not_increasing", times=1)
+    target = setup.user_message()
+    await setup.stream(target, answer("Final."))
+    assert setup.card_text(target) == "Final."
+
+
+# ---- shutdown and resume ---------------------------------------------------------------------
+
+
+async def test_a_cut_short_answer_closes_its_card_with_a_note(setup: Setup) -> None:
+    feed, stop = Feed(), asyncio.Event()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events(), stop=stop))
+    feed.put(ReplyDelta("half of it"))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    stop.set()
+    result = await asyncio.wait_for(streaming, 10)
+    assert result.outcome == "cut_short"
+    assert setup.card_text(target) == "half of it\n\n" + CUT_SHORT_NOTE
+
+
+async def test_a_resumed_answer_is_written_into_the_same_card(setup: Setup) -> None:
+    feed, stop = Feed(), asyncio.Event()
+    target = setup.user_message()
+    record = DeliveryRecord()
+    first = asyncio.create_task(setup.stream(target, feed.events(), record, stop))
+    feed.put(ReplyDelta("first try"))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    stop.set()
+    await asyncio.wait_for(first, 10)
+    resumed = DeliveryRecord.from_json(setup.saved[-1])  # as the next run reads it back
+    result = await setup.stream(target, answer("The whole ", "answer."), resumed)
+    assert result.outcome == "complete"
+    assert setup.card_text(target) == "The whole answer."  # one reply, finished in place
+    assert len(setup.fs.calls_to("card_create")) == 1
+
+
+async def test_cards_a_resumed_answer_no_longer_needs_are_closed_with_a_note(
+    setup: Setup,
+) -> None:
+    target = setup.user_message()
+    setup.replier = CardReplier(setup.replier._api, update_interval_s=0.01, card_limit_bytes=40)
+    record = DeliveryRecord()
+    long_answer = "x" * 30 + "\n" + "y" * 30 + "\n" + "z" * 30
+    await setup.stream(target, answer(long_answer), record)
+    assert len(record.cards) == 3
+    result = await setup.stream(target, answer("short now"), record)
+    assert result.outcome == "complete"
+    texts = [setup.fs.card(c.card_id).text for c in record.cards]
+    assert texts == ["short now", SUPERSEDED_NOTE, SUPERSEDED_NOTE]
+    assert all(setup.fs.card(c.card_id).closed for c in record.cards)
+
+
+async def test_a_failure_event_ends_the_card_with_the_apology(setup: Setup) -> None:
+    async def failing() -> AsyncIterator[ReplyEvent]:
+        yield ReplyDelta("partial")
+        yield ReplyFailed("Sorry, the model is not answering.", reason="test")
+
+    target = setup.user_message()
+    result = await setup.stream(target, failing())
+    assert result.outcome == "failed"
+    assert setup.card_text(target) == "Sorry, the model is not answering."
+
+
+async def test_a_broken_event_source_still_closes_the_card_politely(setup: Setup) -> None:
+    async def broken() -> AsyncIterator[ReplyEvent]:
+        yield ReplyDelta("partial")
+        raise RuntimeError("a bug upstream")
+
+    target = setup.user_message()
+    result = await setup.stream(target, broken())
+    assert result.outcome == "failed"
+    assert setup.card_text(target).startswith("Sorry, something went wrong")
+
+
+def test_moved_note_is_what_a_card_says_when_its_text_went_elsewhere() -> None:
+    assert "separate message" in MOVED_NOTE
