@@ -316,3 +316,21 @@ class StoreContract:
         await store.complete_message(["om_1"], broken[:1], usage)
         assert [t.content for t in await store.load_turns("c1")] == ["question"]
         assert await store.inbox_list() == []
+
+    async def test_a_journaled_arrival_is_listed_until_it_is_accepted(self, store: Store) -> None:
+        assert store.record_arrival("om_1", '{"event": 1}', 10.0, timeout_s=5)
+        assert store.record_arrival("om_2", '{"event": 2}', 11.0, timeout_s=5)
+        assert await store.arrivals() == [("om_1", '{"event": 1}'), ("om_2", '{"event": 2}')]
+        await store.accept_message(InboxEntry("om_1", "c1", "{}", 10.0), ttl_s=60)
+        assert await store.arrivals() == [("om_2", '{"event": 2}')]
+
+    async def test_arrivals_are_forgotten_by_id_and_by_age(self, store: Store) -> None:
+        for number, at in ((1, 10.0), (2, 20.0), (3, 30.0)):
+            assert store.record_arrival(f"om_{number}", "{}", at, timeout_s=5)
+        assert await store.forget_arrivals(["om_3"], before=15.0) == 2
+        assert [message_id for message_id, _ in await store.arrivals()] == ["om_2"]
+
+    async def test_a_duplicate_arrival_is_kept_once(self, store: Store) -> None:
+        assert store.record_arrival("om_1", "{}", 10.0, timeout_s=5)
+        assert store.record_arrival("om_1", "{}", 12.0, timeout_s=5)
+        assert len(await store.arrivals()) == 1

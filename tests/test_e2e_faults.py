@@ -220,6 +220,45 @@ def test_killed_mid_answer_the_restart_finishes_the_same_card(world: World) -> N
     assert inbox(world) == []
 
 
+def test_every_acknowledged_message_is_already_in_the_store(world: World) -> None:
+    world.start_bot()
+    held = world.llm.hold_next()
+    message = world.send("p2p_text", text="journal me", sender_open_id=USER_A)
+    world.fs.wait_for_ack_blocking(world.frame_of(message))
+    # The ACK left only after the journal write: the message is journaled, or already accepted.
+    with db(world) as connection:
+        journaled = connection.execute(
+            "SELECT 1 FROM arrivals WHERE message_id = ?", (message,)
+        ).fetchall()
+        accepted = connection.execute(
+            "SELECT 1 FROM inbox WHERE message_id = ?", (message,)
+        ).fetchall()
+    assert journaled or accepted
+    held.release()
+    assert world.wait_for_final_reply(message) == "echo: journal me"
+
+
+def test_a_message_acknowledged_but_not_yet_accepted_when_killed_is_answered(
+    world: World,
+) -> None:
+    bot = world.start_bot()
+    assert bot.stop() == 0
+    # What kill -9 leaves when it strikes between the ACK and the inbox write.
+    event = world.fs.build_event("p2p_text", text="caught in the window", sender_open_id=USER_A)
+    message = event["event"]["message"]["message_id"]
+    with db(world) as connection:
+        connection.execute(
+            "INSERT INTO arrivals (message_id, event, received_at) VALUES (?, ?, 1)",
+            (message, json.dumps(event)),
+        )
+    bot = world.start_bot()
+    assert world.wait_for_final_reply(message) == "echo: caught in the window"
+    bot.wait_for_event("reply_sent")
+    with db(world) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM arrivals").fetchone()[0] == 0
+    assert inbox(world) == []
+
+
 # ---- 6. a second process on the same store ---------------------------------------------------
 
 

@@ -157,7 +157,7 @@ def test_group_message_without_mention_is_ignored(world: World) -> None:
     world.wait_for_final_reply(answered)
     assert world.replies(ignored) == []
     assert [r.last_user_text for r in world.llm.requests] == ["hello bot"]
-    assert bot.events("message_ignored")
+    assert [e["message_id"] for e in bot.events("message_ignored")] == [ignored]
 
 
 def test_group_mention_is_answered_in_thread_with_the_mention_stripped_and_context_kept(

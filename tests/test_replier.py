@@ -240,6 +240,28 @@ async def test_when_the_final_update_fails_the_answer_follows_as_a_message(setup
     assert card.closed  # never left spinning
 
 
+async def test_a_card_that_cannot_be_closed_still_counts_as_delivered(setup: Setup) -> None:
+    setup.fs.fail("card_settings", 1, "internal error", http_status=500, times=None)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Shown ", "in full."))
+    assert result.undelivered == ""
+    (reply,) = setup.fs.replies_to(target.message_id)  # no duplicate as a message
+    assert setup.fs.card(reply.card_id or "").text == "Shown in full."
+
+
+async def test_when_the_plain_card_cannot_be_updated_the_answer_follows_as_a_message(
+    setup: Setup,
+) -> None:
+    setup.fs.fail("card_create", "no_permission_cardkit", times=None)
+    setup.fs.fail("message_patch", 1, "internal error", http_status=500, times=None)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Patched ", "or not."))
+    assert result.undelivered == ""
+    replies = setup.fs.replies_to(target.message_id)
+    assert [r.msg_type for r in replies] == ["interactive", "text"]
+    assert setup.fs.message_text(replies[1].message_id) == "Patched or not."
+
+
 async def test_a_rate_limited_update_pauses_updates_and_the_final_text_still_lands(
     setup: Setup,
 ) -> None:

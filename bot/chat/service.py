@@ -10,7 +10,7 @@ exchange is saved by :meth:`Reply.commit` once the transport delivered it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -36,10 +36,10 @@ from bot.errors import AllKeysUnavailable, LLMError, ReplyInterrupted, RequestRe
 from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
 from bot.logging import contains_api_key, get_logger
 from bot.store import Store, Turn, TurnStatus, UsageRecord
+from bot.timing import Clock
 
 log = get_logger(__name__)
 
-Clock = Callable[[], float]
 
 KEY_IN_MESSAGE_TEXT = (
     "That message contains something that looks like an API key, so I did not send it to the "

@@ -33,10 +33,10 @@ from bot.feishu.messages import FeishuMessage, InboxPayloadError
 from bot.feishu.replier import CardReplier, DeliveryRecord, Persist, ReplyTarget
 from bot.logging import bind_context, get_logger
 from bot.store import InboxEntry, Store
+from bot.timing import Clock
 
 log = get_logger(__name__)
 
-Clock = Callable[[], float]
 #: how an undelivered reply ended: delivered after all, never deliverable, or kept for later
 Settled = Literal["delivered", "gone", "kept"]
 

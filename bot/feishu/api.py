@@ -34,10 +34,10 @@ from tenacity import (
 )
 
 from bot.logging import get_logger
+from bot.timing import Sleep
 
 log = get_logger(__name__)
 
-Sleep = Callable[[float], Awaitable[None]]
 
 #: Feishu's "request trigger frequency limit"
 CODE_RATE_LIMITED = 99991400
@@ -258,12 +258,13 @@ class FeishuApi:
             raise FeishuApiError(
                 what, code=-1, msg=f"{type(exc).__name__}: {exc}", retryable=True
             ) from None
-        return _read_answer(what, status, headers, content)
+        return read_answer(what, status, headers, content)
 
 
-def _read_answer(
+def read_answer(
     what: str, status: int, headers: Mapping[str, str], content: bytes
 ) -> dict[str, Any]:
+    """The ``data`` of a successful answer; else :class:`FeishuApiError`, retryable or not."""
     try:
         answer = json.loads(content.decode("utf-8")) if content else {}
     except ValueError:

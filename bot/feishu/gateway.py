@@ -32,13 +32,17 @@ from bot.feishu.replier import CardReplier
 from bot.feishu.token_keeper import TenantTokenKeeper
 from bot.logging import adopt_sdk_logger, get_logger, quiet_sdk_shutdown
 from bot.store import InboxEntry
+from bot.timing import Clock
 
 log = get_logger(__name__)
 
-Clock = Callable[[], float]
 
 #: how long an accepted message id is remembered (Feishu redelivers within hours, not days)
 ACCEPT_TTL_S = 7 * 24 * 3600
+#: seconds one Feishu REST call on the answer path may take before it is retried
+REST_TIMEOUT_S = 10.0
+#: the longest the WebSocket thread waits for the arrival journal before acknowledging anyway
+ARRIVAL_TIMEOUT_S = 0.5
 
 
 class FeishuGateway:
@@ -85,7 +89,13 @@ class FeishuGateway:
         )
         await self._tokens.start()  # bad credentials end here, with one clear line
         self._channel = self._build_channel()
-        api = FeishuApi(self._channel.client, on_token_invalid=self._tokens.refresh_now)
+        client = sdk_compat.build_client(
+            app_id=feishu.app_id,
+            app_secret=feishu.app_secret.get_secret_value(),
+            domain=feishu.domain,
+            timeout_s=REST_TIMEOUT_S,  # the channel's own client would wait forever
+        )
+        api = FeishuApi(client, on_token_invalid=self._tokens.refresh_now)
         replier = CardReplier(api, update_interval_s=self._settings.chat.stream_update_ms / 1000)
         self._answerer = Answerer(
             self._settings, self._core.store, self._core.service, replier, clock=self._clock
@@ -107,6 +117,7 @@ class FeishuGateway:
     async def resume_inbox(self) -> None:
         """Answer what a previous run accepted but did not finish (crash, kill -9, shutdown)."""
         assert self._answerer is not None
+        await self._replay_arrivals()  # accepted ones join the early messages, in order
         left_over, self._left_over = self._left_over, []
         await self._answerer.resume(left_over)
         early, self._early = self._early or [], None
@@ -163,6 +174,7 @@ class FeishuGateway:
             safety=SafetyConfig(text_batch=TextBatchConfig(delay_ms=0)),
             name_lookup=_no_name_lookup,
         )
+        sdk_compat.hook_message_events(channel, self._journal_arrival)
         channel.on("message", self._on_message)
         channel.on("reject", self._on_reject)
         # Called on the SDK's WebSocket thread: hand over to the bot's loop.
@@ -185,6 +197,22 @@ class FeishuGateway:
         )
 
     # ---- inbound (on the channel's loop) -----------------------------------------------------
+
+    def _journal_arrival(self, message_id: str, event: str) -> None:
+        """On the WebSocket thread, before the ACK: journal the raw event (one bounded write),
+        so a crash between the ACK and the inbox write cannot lose it."""
+        store = self._core.store
+        if not store.record_arrival(message_id, event, self._clock(), timeout_s=ARRIVAL_TIMEOUT_S):
+            log.warning("arrival_not_journaled", message_id=message_id)
+
+    async def _replay_arrivals(self) -> None:
+        """Feed events a previous run acknowledged but never accepted through the channel again."""
+        arrivals = await self._core.store.arrivals()
+        if not arrivals:
+            return
+        log.info("arrivals_replayed", messages=len(arrivals))
+        replays = [sdk_compat.replay_message_event(self._channel, event) for _, event in arrivals]
+        await asyncio.gather(*(asyncio.wrap_future(r) for r in replays), return_exceptions=True)
 
     async def _on_message(self, inbound: Any) -> None:
         try:

@@ -39,10 +39,10 @@ from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished,
 from bot.feishu.api import CODE_SEQUENCE_NOT_INCREASING, FeishuApi, FeishuApiError
 from bot.feishu.render import safe_markdown, safe_plain_text
 from bot.logging import get_logger
+from bot.timing import Clock
 
 log = get_logger(__name__)
 
-Clock = Callable[[], float]
 Persist = Callable[["DeliveryRecord"], Awaitable[None]]
 ReplyMode = Literal["cardkit", "patch", "text"]
 Outcome = Literal["complete", "interrupted", "failed", "cut_short"]
@@ -318,11 +318,12 @@ class CardReplier:
                 sent,
                 save,
                 self._interval,
-                self._clock,
                 index,
-                self._sequences,
+                clock=self._clock,
+                sequences=self._sequences,
             )
-        return _PatchCard(self._api, target, sent, save, self._interval, index)
+        interval = max(self._interval, PATCH_MIN_INTERVAL_S)
+        return _PatchCard(self._api, target, sent, save, interval, index)
 
     async def _fill(self, card: _Card, state: _AnswerState) -> str:
         """Push the latest text at most once per interval; return the card's final text."""
@@ -396,7 +397,31 @@ class CardReplier:
         return ids
 
 
-class _CardKitCard:
+class _SentCardBase:
+    """What both kinds of card share: where the reply goes and its record."""
+
+    def __init__(
+        self,
+        api: FeishuApi,
+        target: ReplyTarget,
+        sent: SentCard,
+        save: Callable[[], Awaitable[None]],
+        interval_s: float,
+        index: int,
+    ) -> None:
+        self._api = api
+        self._target = target
+        self._sent = sent
+        self._save = save
+        self._index = index
+        self.interval_s = interval_s
+
+    @property
+    def message_id(self) -> str:
+        return self._sent.message_id
+
+
+class _CardKitCard(_SentCardBase):
     """A CardKit card entity sent by reference.
 
     Sequences must grow card-wide. Within the process the replier remembers each card's last
@@ -411,22 +436,14 @@ class _CardKitCard:
         sent: SentCard,
         save: Callable[[], Awaitable[None]],
         interval_s: float,
-        clock: Clock,
         index: int,
+        *,
+        clock: Clock,
         sequences: dict[str, int],
     ) -> None:
-        self._api = api
-        self._target = target
-        self._sent = sent
-        self._save = save
+        super().__init__(api, target, sent, save, interval_s, index)
         self._clock = clock
-        self._index = index
         self._sequences = sequences
-        self.interval_s = interval_s
-
-    @property
-    def message_id(self) -> str:
-        return self._sent.message_id
 
     def _next_sequence(self) -> int:
         card_id = self._sent.card_id
@@ -472,7 +489,10 @@ class _CardKitCard:
         card_id = self._sent.card_id
         shown = safe_markdown(text)
         await self._sequenced(lambda seq: self._api.set_card_text(card_id, ELEMENT_ID, shown, seq))
-        await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
+        try:  # the text is there: a card that stays "typing" is a blemish, not a lost answer
+            await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
+        except FeishuApiError as exc:
+            log.warning("card_not_closed", card_id=card_id, error=str(exc))
 
     async def close(self, note: str) -> None:
         card_id = self._sent.card_id
@@ -484,28 +504,8 @@ class _CardKitCard:
             await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
 
 
-class _PatchCard:
-    """A plain interactive card, replaced whole with PATCH."""
-
-    def __init__(
-        self,
-        api: FeishuApi,
-        target: ReplyTarget,
-        sent: SentCard,
-        save: Callable[[], Awaitable[None]],
-        interval_s: float,
-        index: int,
-    ) -> None:
-        self._api = api
-        self._target = target
-        self._sent = sent
-        self._save = save
-        self._index = index
-        self.interval_s = max(interval_s, PATCH_MIN_INTERVAL_S)
-
-    @property
-    def message_id(self) -> str:
-        return self._sent.message_id
+class _PatchCard(_SentCardBase):
+    """A plain interactive card, replaced whole with PATCH (at most every 0.6 s)."""
 
     async def open(self, text: str) -> None:
         if self._sent.message_id:

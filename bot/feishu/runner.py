@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
 
 from bot import signals
 from bot.app import build_core
@@ -22,11 +21,14 @@ from bot.feishu.gateway import FeishuGateway
 from bot.logging import Redactor, get_logger
 from bot.store import Store
 from bot.store.lock import InstanceLock
+from bot.timing import Clock
 
 log = get_logger(__name__)
 
 HOUSEKEEPING_EVERY_S = 3600.0
 DAY_S = 86_400.0
+#: the channel drops events older than 30 minutes as stale: journal entries older are useless
+ARRIVALS_KEPT_S = 1800.0
 
 
 async def serve(settings: Settings, redactor: Redactor) -> None:
@@ -70,11 +72,14 @@ async def _housekeeping(
     retention_days: float,
     *,
     every_s: float = HOUSEKEEPING_EVERY_S,
-    clock: Callable[[], float] = time.time,
+    clock: Clock = time.time,
 ) -> None:
-    """Now and then: drop expired dedup marks, and turns older than the retention period."""
+    """Now and then: drop expired dedup marks, turns older than the retention period, and
+    journaled events that were never accepted."""
     while True:
         removed = await store.purge_expired()
         pruned = await store.prune_turns(clock() - retention_days * DAY_S) if retention_days else 0
-        log.debug("housekeeping_done", dedup_marks=removed, turns=pruned)
+        # Journaled events not accepted by now were turned away (or are too old to answer).
+        forgotten = await store.forget_arrivals(before=clock() - ARRIVALS_KEPT_S)
+        log.debug("housekeeping_done", dedup_marks=removed, turns=pruned, arrivals=forgotten)
         await asyncio.sleep(every_s)

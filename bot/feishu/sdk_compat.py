@@ -34,6 +34,14 @@ and run ``tests/test_token_keeper.py``.
   connection, and the channel's stop drops the connection on purpose;
   :func:`disable_auto_reconnect` clears it first so a stopping bot does not reconnect.
   Re-check: the attribute name and where ``start()`` / the receive loop read it.
+* **The channel's message-event entry** (``lark_oapi/channel/channel.py``):
+  ``FeishuChannel._on_p2_im_message_receive_v1`` is the synchronous handler the dispatcher calls
+  on the WebSocket thread *before* the ACK frame is sent; ``start()`` builds the dispatcher from
+  ``self._on_p2_im_message_receive_v1``, so an instance attribute set before ``start()`` wraps it
+  (:func:`hook_message_events`). ``_handle_message_event`` is the coroutine it schedules on the
+  channel's background loop; :func:`replay_message_event` feeds it a journaled event again.
+  Re-check: both names, that ``start()`` still calls ``_build_dispatcher()``, and that
+  ``lark_oapi.core.json.JSON`` still round-trips ``P2ImMessageReceiveV1``.
 * **The version range** this knowledge was checked against, :data:`SUPPORTED`:
   :func:`check_sdk_version` warns at startup when another version is installed.
 """
@@ -41,9 +49,11 @@ and run ``tests/test_token_keeper.py``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.metadata
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 from bot.logging import SDK_LOGGER, get_logger
@@ -175,3 +185,38 @@ def disable_auto_reconnect(ws_client: Any) -> None:
     """Stop the SDK's WebSocket client (``None``: none yet) from reconnecting once dropped."""
     if ws_client is not None:
         ws_client._auto_reconnect = False
+
+
+def hook_message_events(channel: Any, hook: Callable[[str, str], None]) -> None:
+    """Call ``hook(message_id, event_json)`` for every ``im.message.receive_v1`` event, on the
+    WebSocket thread, before the channel schedules it and the SDK acknowledges it.
+
+    Call before the channel starts. The hook must be quick (it delays the ACK) and must not
+    raise; the event goes on to the channel whatever it does.
+    """
+    from lark_oapi.core.json import JSON
+
+    original = channel._on_p2_im_message_receive_v1
+
+    def journaled(data: Any) -> None:
+        message = getattr(getattr(data, "event", None), "message", None)
+        message_id = getattr(message, "message_id", None)
+        if message_id:
+            try:
+                hook(str(message_id), JSON.marshal(data) or "")
+            except Exception as exc:  # never let the journal stop an event
+                log.error("arrival_not_journaled", message_id=message_id, error=repr(exc))
+        original(data)
+
+    channel._on_p2_im_message_receive_v1 = journaled
+
+
+def replay_message_event(channel: Any, event: str) -> concurrent.futures.Future[None]:
+    """Feed a journaled ``im.message.receive_v1`` event through the channel again (its
+    normalisation, policies and then the bot's ``message`` handler), as if just received."""
+    from lark_oapi.api.im.v1 import P2ImMessageReceiveV1
+    from lark_oapi.core.json import JSON
+
+    data = JSON.unmarshal(event, P2ImMessageReceiveV1)
+    future: concurrent.futures.Future[None] = channel.schedule(channel._handle_message_event(data))
+    return future

@@ -33,13 +33,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final, Self
 
 from bot.errors import FeishuConnectError
 from bot.feishu import sdk_compat
 from bot.logging import get_logger
+from bot.timing import Clock, Sleep
 
 log = get_logger(__name__)
 
@@ -60,8 +60,8 @@ class TenantTokenKeeper:
         *,
         refresh_margin_s: float = 1200,
         request_timeout_s: float = 10,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = time.time,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._app_id = app_id
         self._app_secret = app_secret

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +42,9 @@ from bot.llm.events import (
 )
 from bot.llm.keypool import KeyPool, Lease
 from bot.logging import get_logger
+from bot.timing import Sleep
 
 log = get_logger(__name__)
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class _Retryable(Exception):

@@ -27,9 +27,8 @@ from bot.config import KeyEntry
 from bot.errors import AllKeysUnavailable
 from bot.logging import get_logger, mask_key
 from bot.store import KeySource, Store, StoredKey
+from bot.timing import Clock, Sleep
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 WaitNotice = Callable[[float], Awaitable[None]]
 
 log = get_logger(__name__)

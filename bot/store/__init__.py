@@ -19,7 +19,8 @@ from bot.store.base import (
     UsageRecord,
 )
 from bot.store.lock import InstanceLock, lock_holder
-from bot.store.sqlite import Clock, SQLiteStore
+from bot.store.sqlite import SQLiteStore
+from bot.timing import Clock
 
 __all__ = [
     "InboxEntry",

@@ -164,6 +164,20 @@ class Store(Protocol):
         never answered. Nothing happens when the message is not in the inbox.
         """
 
+    # Arrival journal: raw events written before Feishu's ACK, until they are accepted
+    def record_arrival(
+        self, message_id: str, event: str, received_at: float, *, timeout_s: float
+    ) -> bool:
+        """Journal a raw event *synchronously* (called on the SDK's WebSocket thread before it
+        acknowledges the event); at most ``timeout_s``; False when it could not be written.
+        :meth:`accept_message` removes the message's journal entry in its transaction."""
+
+    async def arrivals(self) -> list[tuple[str, str]]:
+        """Journaled events that were never accepted, oldest first: ``(message_id, event)``."""
+
+    async def forget_arrivals(self, message_ids: Sequence[str] = (), *, before: float = 0) -> int:
+        """Drop journal entries by message id, and every one received before ``before``."""
+
     async def complete_message(
         self, message_ids: Sequence[str], turns: Sequence[Turn], usage: UsageRecord | None
     ) -> None:

@@ -12,6 +12,7 @@ row aside) run in one ``BEGIN IMMEDIATE`` transaction, so a crash keeps all of t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import sqlite3
 import time
@@ -33,9 +34,9 @@ from bot.store.base import (
     Usage,
     UsageRecord,
 )
+from bot.timing import Clock
 
 T = TypeVar("T")
-Clock = Callable[[], float]
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -85,7 +86,8 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (day, user_id, key_id)
     );
     """,
-    # 2: cut answers, the gateway's delivery record, inbox rows set aside, pruning by age
+    # 2: cut answers, the gateway's delivery record, inbox rows set aside, pruning by age,
+    #    the arrival journal
     """
     ALTER TABLE turns ADD COLUMN status TEXT NOT NULL DEFAULT 'complete'
         CHECK (status IN ('complete', 'cut'));
@@ -98,6 +100,11 @@ MIGRATIONS: tuple[str, ...] = (
         received_at REAL NOT NULL,
         reason TEXT NOT NULL,
         moved_at REAL NOT NULL
+    );
+    CREATE TABLE arrivals (
+        message_id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        received_at REAL NOT NULL
     );
     """,
 )
@@ -359,7 +366,51 @@ class SQLiteStore:
             ).rowcount
             if fresh:
                 db.execute(_INSERT_INBOX, _inbox_row(entry))
+            db.execute("DELETE FROM arrivals WHERE message_id = ?", (entry.message_id,))
         return fresh > 0
+
+    # ---- arrival journal -------------------------------------------------------------------
+
+    def record_arrival(
+        self, message_id: str, event: str, received_at: float, *, timeout_s: float
+    ) -> bool:
+        """Blocking: journal a raw event before it is acknowledged; False if that timed out."""
+        executor = self._executor
+        if executor is None:
+            return False
+        future = executor.submit(
+            self._write,
+            "INSERT OR IGNORE INTO arrivals (message_id, event, received_at) VALUES (?, ?, ?)",
+            (message_id, event, received_at),
+        )
+        try:
+            future.result(timeout=timeout_s)
+        except (concurrent.futures.TimeoutError, sqlite3.Error, StoreError):
+            return False
+        return True
+
+    async def arrivals(self) -> list[tuple[str, str]]:
+        """Journaled events never accepted, oldest first: ``(message_id, event)``."""
+        rows = await self._run(
+            self._read, "SELECT message_id, event FROM arrivals ORDER BY received_at, rowid"
+        )
+        return [(row["message_id"], row["event"]) for row in rows]
+
+    async def forget_arrivals(self, message_ids: Sequence[str] = (), *, before: float = 0) -> int:
+        """Drop journaled events by id, and those received before ``before``."""
+
+        def forget() -> int:
+            with self._transaction("forget journaled events") as db:
+                removed = db.execute(
+                    "DELETE FROM arrivals WHERE received_at < ?", (before,)
+                ).rowcount
+                for message_id in message_ids:
+                    removed += db.execute(
+                        "DELETE FROM arrivals WHERE message_id = ?", (message_id,)
+                    ).rowcount
+            return removed
+
+        return await self._run(forget)
 
     async def inbox_add(self, entry: InboxEntry) -> None:
         """Record a message awaiting its answer (idempotent per message id)."""
