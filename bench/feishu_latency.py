@@ -5,7 +5,8 @@ Runs ``python -m bot run`` (one process per configuration) with tests/e2e_harnes
 1. first visible text: fake event delivery -> first CardKit content update that shows the LLM's
    first chunk, next to the budget TTFT + one Feishu round trip + 50 ms, with a per-stage
    breakdown from the fakes' own records;
-2. the ACK -> inbox write window (a crash inside it loses an ACKed message) and the ACK latency;
+2. the ACK -> inbox write window (covered by the arrival journal written before the ACK) and the
+   ACK latency (which includes that journal write);
 3. the card update rate of a long streamed answer against ``chat.stream_update_ms``.
 
 Numbers only, no thresholds. Every timestamp is ``time.monotonic()`` (CLOCK_MONOTONIC is
@@ -312,8 +313,9 @@ def print_ack_window(results: dict[str, list[Sample]]) -> None:
     print()
     print(
         "2. ACK -> inbox write: fake records the ACK frame -> bot's `message_accepted`"
-        " accepted_at\n   (atomic dedup + inbox write done); a crash inside this window loses an"
-        " ACKed message.\n   ACK latency: fake delivers the event -> ACK frame recorded. All ms."
+        " accepted_at\n   (atomic dedup + inbox write done); the event was journaled before the"
+        " ACK, so a crash\n   inside this window loses nothing. ACK latency: fake delivers the"
+        " event -> ACK frame recorded\n   (includes the journal write). All ms."
     )
     print(
         f"   {'configuration':22} {'ACK->inbox med':>14} {'p90':>7} {'max':>7}"
