@@ -10,8 +10,10 @@ signals.stop_quietly_on_sigterm()  # before the heavy imports: a SIGTERM now is 
 
 try:
     from bot.cli import main
-except signals.StopRequested:  # stopped while still importing
+except signals.StopRequested:  # SIGTERM while still importing
     sys.exit(0)
+except KeyboardInterrupt:  # Ctrl-C while still importing: no traceback
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

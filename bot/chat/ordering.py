@@ -1,8 +1,8 @@
 """Per-conversation ordering: messages of one conversation are answered one at a time, in order.
 
-A message takes its place (a :class:`Turn`) when it arrives; its answer may start once every
-earlier turn of the same conversation has finished. A turn finishes only when its owner says so
-(:meth:`Turn.finish`): after the answer was delivered or failed for good, however that happened,
+A message takes its place (a :class:`Place`) when it arrives; its answer may start once every
+earlier place of the same conversation was finished. A place is finished only when its owner says so
+(:meth:`Place.finish`): after the answer was delivered or failed for good, however that happened,
 so a later message never overtakes an earlier one whose delivery is still under way.
 Conversations are independent of each other.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 
-class Turn:
+class Place:
     """A message's place in its conversation's queue."""
 
     def __init__(self, previous: asyncio.Future[None] | None) -> None:
@@ -26,7 +26,7 @@ class Turn:
 
     @property
     def waiting(self) -> bool:
-        """Whether an earlier turn of the conversation has not finished yet."""
+        """Whether an earlier place of the conversation is not finished yet."""
         return self._previous is not None and not self._previous.done()
 
     def finish(self) -> None:
@@ -36,21 +36,17 @@ class Turn:
 
 
 class ConversationQueue:
-    """Hands out :class:`Turn` objects in arrival order, one chain per conversation."""
+    """Hands out :class:`Place` objects in arrival order, one chain per conversation."""
 
     def __init__(self) -> None:
         self._tails: dict[str, asyncio.Future[None]] = {}
 
-    def take_turn(self, conversation_id: str) -> Turn:
+    def take_place(self, conversation_id: str) -> Place:
         """The next place in ``conversation_id``'s queue."""
-        turn = Turn(self._tails.get(conversation_id))
-        self._tails[conversation_id] = turn.finished
-        turn.finished.add_done_callback(lambda done: self._forget(conversation_id, done))
-        return turn
-
-    def busy(self, conversation_id: str) -> bool:
-        """Whether a turn of ``conversation_id`` has not finished yet."""
-        return conversation_id in self._tails
+        place = Place(self._tails.get(conversation_id))
+        self._tails[conversation_id] = place.finished
+        place.finished.add_done_callback(lambda done: self._forget(conversation_id, done))
+        return place
 
     def _forget(self, conversation_id: str, finished: asyncio.Future[None]) -> None:
         if self._tails.get(conversation_id) is finished:

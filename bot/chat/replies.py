@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from bot.chat.ordering import Turn as QueueTurn
+from bot.chat.ordering import Place
 from bot.store import Store, Turn, UsageRecord
 
 
@@ -71,16 +71,16 @@ class Reply:
     this reply is committed or closed.
     """
 
-    def __init__(self, events: AsyncIterator[ReplyEvent], turn: QueueTurn, store: Store) -> None:
+    def __init__(self, events: AsyncIterator[ReplyEvent], place: Place, store: Store) -> None:
         self._events = events
-        self._turn = turn
+        self._place = place
         self._store = store
         self.final: ReplyFinished | ReplyFailed | None = None
 
     @property
     def queued(self) -> bool:
         """Whether the reply still waits for an earlier message of its conversation."""
-        return self._turn.waiting
+        return self._place.waiting
 
     def __aiter__(self) -> Reply:
         return self
@@ -108,4 +108,4 @@ class Reply:
             if aclose is not None:
                 await aclose()
         finally:
-            self._turn.finish()
+            self._place.finish()

@@ -19,8 +19,7 @@ from structlog.stdlib import BoundLogger
 
 from bot.chat.commands import HELP_TEXT, CommandName, parse_command, unknown_command_text
 from bot.chat.history import build_prompt
-from bot.chat.ordering import ConversationQueue
-from bot.chat.ordering import Turn as QueueTurn
+from bot.chat.ordering import ConversationQueue, Place
 from bot.chat.replies import (
     Exchange,
     Reply,
@@ -93,11 +92,11 @@ class ConversationService:
 
     def handle(self, message: IncomingMessage) -> Reply:
         """Queue ``message`` in its conversation and return its reply events."""
-        turn = self._queue.take_turn(message.conversation_id)
-        return Reply(self._answer(message, turn), turn, self._store)
+        place = self._queue.take_place(message.conversation_id)
+        return Reply(self._answer(message, place), place, self._store)
 
-    async def _answer(self, message: IncomingMessage, turn: QueueTurn) -> AsyncIterator[ReplyEvent]:
-        await turn.wait()
+    async def _answer(self, message: IncomingMessage, place: Place) -> AsyncIterator[ReplyEvent]:
+        await place.wait()
         async for event in self._respond(message):
             yield event
 
