@@ -5,15 +5,19 @@ Shared by every front end (the terminal chat, the Feishu gateway), so they run t
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.chat.key_commands import KeyCommands
 from bot.chat.service import ConversationService
 from bot.config import Settings
 from bot.llm.client import LLMClient
 from bot.llm.keypool import KeyPool
+from bot.llm.validation import KeyCheck, check_key
 from bot.logging import Redactor
-from bot.store import Store, create_store
+from bot.store import Store, create_store, secret_key_from_env
 
 
 @dataclass
@@ -24,6 +28,7 @@ class Core:
     pool: KeyPool
     llm: LLMClient
     service: ConversationService
+    check_key: Callable[[str], Awaitable[KeyCheck]]
 
     async def close(self) -> None:
         """Release the HTTP pool and the store."""
@@ -35,16 +40,27 @@ class Core:
 
 async def build_core(settings: Settings, redactor: Redactor, *, cwd: Path | None = None) -> Core:
     """Open the store, load the keys and wire the conversation service."""
-    store = create_store(settings.store, cwd=cwd)
+    secret_key = secret_key_from_env()  # BOT_SECRET_KEY: encrypts the stored API keys
+    if secret_key is not None:
+        redactor.add(secret_key)
+    store = create_store(settings.store, cwd=cwd, secret_key=secret_key)
     await store.open()
     try:
-        pool = KeyPool(store, max_wait_s=settings.llm.max_wait_s)
+        pool = KeyPool(
+            store,
+            max_wait_s=settings.llm.max_wait_s,
+            owner_first=settings.keys.owner_first,
+            reserved_for=settings.keys.reserved_for,
+        )
+        pool.on_secret = redactor.add  # every key the pool holds is masked in the logs
         await pool.load(settings.llm.keys)
-        for stored in await store.load_keys():
-            redactor.add(stored.secret)
         llm = LLMClient(settings.llm, pool)
     except BaseException:
         await store.close()
         raise
-    service = ConversationService(store, llm, settings.chat, model=settings.llm.model)
-    return Core(store=store, pool=pool, llm=llm, service=service)
+    check = functools.partial(check_key, settings.llm)
+    keys = KeyCommands(pool, check, settings)
+    service = ConversationService(
+        store, llm, settings.chat, model=settings.llm.model, keys=keys, secrets=settings.secrets()
+    )
+    return Core(store=store, pool=pool, llm=llm, service=service, check_key=check)

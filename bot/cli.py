@@ -12,13 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bot import __version__
-from bot.app import build_core
-from bot.chat.terminal import TerminalChat
+from bot import __version__, keys_cli
 from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
 from bot.errors import BotError, ConfigError, FeishuConnectError
 from bot.logging import Redactor, configure_logging
 from bot.signals import StopRequested
+from bot.store import SECRET_KEY_ENV, secret_key_from_env
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -35,33 +34,50 @@ configuration:
   The config file is --config PATH, else ${CONFIG_ENV}, else ./settings.yaml.
   Environment variables override it: FEISHU_APP_ID, FEISHU_APP_SECRET, OPENAI_BASE_URL,
   BOT_STORE_URL; OPENAI_API_KEYS="sk-a,sk-b" adds keys to llm.keys.
+  {SECRET_KEY_ENV} (a Fernet key, or a passphrase of 16 characters or more) encrypts the
+  stored API keys; the bot and `keys` need the same value to read them.
 
 exit codes:
   0 success, 1 runtime failure, 2 invalid configuration or usage."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand and its help text."""
+def common_options(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The options every command takes, as a parent parser.
+
+    With ``suppress_defaults`` an option that is not given sets nothing: a subcommand's parser
+    (``keys list``) then keeps what was given before it (``keys --config x list``).
+    """
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress_defaults else value
+
     common = argparse.ArgumentParser(add_help=False)
     options = common.add_argument_group("common options")
     options.add_argument(
         "--config",
         "-c",
         metavar="PATH",
+        default=default(None),
         help=f"settings file (default: ${CONFIG_ENV} or ./settings.yaml)",
     )
     options.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
+        default=default(None),
         help="override log.level from the settings",
     )
     options.add_argument(
         "--json-logs",
         action="store_true",
-        default=None,
+        default=default(None),
         help="write logs as JSON lines (overrides log.json)",
     )
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand and its help text."""
+    common = common_options()
     parser = argparse.ArgumentParser(
         prog="python -m bot",
         description=_DESCRIPTION,
@@ -92,13 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Check the setup step by step and say what to fix. Not available in this version.",
             _not_available("doctor", "the streaming-robustness release"),
         ),
-        (
-            "keys",
-            "list and manage the API keys of the pool (not yet)",
-            "List, add, enable and disable the API keys of the pool. Not available in this "
-            "version.",
-            _not_available("keys", "the key-pool release"),
-        ),
+        ("keys", keys_cli.SUMMARY, keys_cli.DESCRIPTION, _keys),
     ]
     for name, summary, description, handler in subcommands:
         command = commands.add_parser(
@@ -110,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.set_defaults(handler=handler)
+        if name == "keys":
+            keys_cli.configure_parser(
+                command, parents=[common_options(suppress_defaults=True)], epilog=_EPILOG
+            )
     return parser
 
 
@@ -178,11 +192,25 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 async def _chat_session(settings: Settings, redactor: Redactor) -> None:
+    # Imported here: the core pulls in the OpenAI SDK, which `keys` and `--help` do not need.
+    from bot.app import build_core
+    from bot.chat.terminal import TerminalChat
+
     core = await build_core(settings, redactor)
     try:
         await TerminalChat(core.service, model=settings.llm.model).run()
     finally:
         await core.close()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    settings, _ = load(args)
+    secret_key = secret_key_from_env()
+    # The answer is on stdout and says what changed; the log adds only errors unless asked.
+    redactor = setup_logging(args, settings, default_level="error")
+    if secret_key is not None:
+        redactor.add(secret_key)
+    return asyncio.run(keys_cli.run(args, settings, secret_key=secret_key, redactor=redactor))
 
 
 def _not_available(command: str, release: str) -> Command:

@@ -179,9 +179,12 @@ class AccessSettings(_Section):
 
 
 class KeysSettings(_Section):
-    """Key donation by chat."""
+    """The shared key pool: donations by chat, preferences, health checks."""
 
     accept_donations: bool = True
+    owner_first: bool = False
+    reserved_for: dict[str, list[str]] = Field(default_factory=dict)
+    health_check_minutes: float = Field(default=30, ge=0)
 
 
 class StoreSettings(_Section):

@@ -7,6 +7,10 @@ in the one root handler's pre-chain, and the SDK's records at their logger alrea
 handler added by someone else (pytest's capture) never sees a secret. Configure once, at startup,
 with :func:`configure_logging`; keep the returned :class:`Redactor` to register secrets learnt later
 (donated keys).
+
+What counts as a key is :mod:`bot.keyshapes`' business; this module adds only what is specific to
+logs (bearer tokens, Feishu tokens, ``name=value`` credential pairs). ``contains_api_key`` and
+``mask_key`` stay importable from here for the modules that already use them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from bot.keyshapes import MIN_SECRET_LENGTH, contains_key, redact
+from bot.keyshapes import mask_key as mask_key  # re-exported: bot.llm.keypool imports it here
+
 SDK_LOGGER = "Lark"
 
 _LEVELS = {
@@ -31,8 +38,6 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 
-# Anything shaped like an OpenAI-style key: sk-…, sk-proj-…, sess-… (masked to the last four).
-_API_KEY = re.compile(r"\b(?:sk|sess|rk)-[A-Za-z0-9_\-]{12,}")
 # Credentials in URLs, headers and JSON: access_key=…, ticket=…, "AppSecret": "…", Bearer …
 _CREDENTIAL_PAIR = re.compile(
     r"(?P<name>access_key|ticket|app_secret|appsecret|app_access_token|tenant_access_token"
@@ -41,22 +46,14 @@ _CREDENTIAL_PAIR = re.compile(
     re.IGNORECASE,
 )
 _BEARER = re.compile(r"(?P<name>Bearer\s+)(?P<value>[A-Za-z0-9._\-]{8,})", re.IGNORECASE)
-# Feishu tokens: t-… (tenant), a-… (app), u-… (user) followed by a long opaque tail.
-_FEISHU_TOKEN = re.compile(r"\b[tau]-[A-Za-z0-9_\-]{24,}")
+# Feishu tokens: t-… (tenant), a-… (app), u-… (user) followed by a long opaque tail. ASCII
+# boundaries, not \b, so a token right after CJK text is found too.
+_FEISHU_TOKEN = re.compile(r"(?<![A-Za-z0-9_\-])[tau]-[A-Za-z0-9_\-]{24,}")
+#: configured secrets shorter than this are ignored
+_MIN_SECRET = 6
 
-
-def contains_api_key(text: str) -> bool:
-    """Whether ``text`` holds something shaped like an API key (``sk-…`` and kin)."""
-    return _API_KEY.search(text) is not None
-
-
-def mask_key(key: str) -> str:
-    """Show an API key the only way it is ever shown: ``sk-…abcd`` (prefix and last four)."""
-    key = key.strip()
-    if len(key) < 12:
-        return "…" if not key else "***"
-    prefix = "sk-" if key.startswith("sk-") else ""
-    return f"{prefix}…{key[-4:]}"
+#: kept for the modules that import it from here: :func:`bot.keyshapes.contains_key`
+contains_api_key = contains_key
 
 
 class Redactor:
@@ -74,24 +71,27 @@ class Redactor:
     def add(self, secret: str) -> None:
         """Mask this exact value from now on (values shorter than 6 characters are ignored)."""
         secret = secret.strip()
-        if len(secret) < 6:
+        if len(secret) < _MIN_SECRET:
             return
         with self._lock:
             if secret not in self._secrets:
-                # Longest first, so a secret containing another is masked whole.
-                self._secrets = tuple(sorted((*self._secrets, secret), key=len, reverse=True))
+                self._secrets = (*self._secrets, secret)
 
     def text(self, value: str) -> str:
-        """Return ``value`` with every secret masked."""
-        for secret in self._secrets:
-            if secret in value:
-                value = value.replace(secret, mask_key(secret))
-        value = _API_KEY.sub(lambda match: mask_key(match.group(0)), value)
+        """Return ``value`` with every key shape, configured secret and credential masked."""
+        secrets = self._secrets
+        # Named credentials first (a ticket= or token= value is hidden whole), then key shapes.
         value = _BEARER.sub(lambda match: f"{match.group('name')}***", value)
         value = _FEISHU_TOKEN.sub(lambda match: f"{match.group(0)[:2]}***", value)
-        return _CREDENTIAL_PAIR.sub(
+        value = _CREDENTIAL_PAIR.sub(
             lambda match: f"{match.group('name')}{match.group('sep')}***", value
         )
+        value = redact(value, secrets)
+        # keyshapes ignores secrets under 8 characters; a configured one is still a secret.
+        for secret in secrets:
+            if len(secret) < MIN_SECRET_LENGTH and secret in value:
+                value = value.replace(secret, "…")
+        return value
 
     def value(self, value: Any) -> Any:
         """Mask secrets inside strings, exceptions, mappings and sequences."""

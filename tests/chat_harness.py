@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.chat.key_commands import KeyCommands
 from bot.chat.replies import Reply, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
 from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings, parse_settings
 from bot.llm.client import LLMClient
 from bot.llm.keypool import KeyPool, key_id_of
+from bot.llm.validation import check_key
 from bot.store import SQLiteStore
 
 KEY_A = "sk-test-key-a-000000000000000000000001"
@@ -72,7 +75,7 @@ class Answer:
         return self.failed.message if self.failed else ""
 
 
-def make_settings(base_url: str, keys: list[str], **sections: Any) -> Settings:
+def make_settings(base_url: str, keys: list[str], /, **sections: Any) -> Settings:
     raw: dict[str, Any] = {
         "llm": {
             "base_url": base_url,
@@ -96,8 +99,17 @@ class ChatHarness:
         self.store = SQLiteStore(db_path, clock=time)
         self.pool = KeyPool(self.store, clock=time, sleep=time.sleep, max_wait_s=30)
         self.llm = LLMClient(settings.llm, self.pool, sleep=time.sleep)
+        self.keys = KeyCommands(
+            self.pool, functools.partial(check_key, settings.llm), settings, clock=time
+        )
         self.service = ConversationService(
-            self.store, self.llm, settings.chat, clock=time, model=settings.llm.model
+            self.store,
+            self.llm,
+            settings.chat,
+            clock=time,
+            model=settings.llm.model,
+            keys=self.keys,
+            secrets=settings.secrets(),
         )
         self._count = 0
 
@@ -110,14 +122,17 @@ class ChatHarness:
         await self.llm.aclose()
         await self.store.close()
 
-    def message(self, text: str, *, conversation: str = "c1", user: str = "u1") -> IncomingMessage:
+    def message(
+        self, text: str, *, conversation: str = "c1", user: str = "u1", in_group: bool = False
+    ) -> IncomingMessage:
         self._count += 1
-        return IncomingMessage(conversation, user, text, f"om_{self._count}")
+        return IncomingMessage(conversation, user, text, f"om_{self._count}", in_group)
 
-    async def ask(self, text: str, *, conversation: str = "c1", user: str = "u1") -> Answer:
-        return await collect(
-            self.service.handle(self.message(text, conversation=conversation, user=user))
-        )
+    async def ask(
+        self, text: str, *, conversation: str = "c1", user: str = "u1", in_group: bool = False
+    ) -> Answer:
+        message = self.message(text, conversation=conversation, user=user, in_group=in_group)
+        return await collect(self.service.handle(message))
 
     def key_state(self, key: str) -> str:
         (view,) = [v for v in self.pool.keys() if v.key_id == key_id_of(key)]  # noqa: SIM118

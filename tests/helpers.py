@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BOT_COMMAND = [sys.executable, "-m", "bot"]
 BOT_ENVIRONMENT = (
     "BOT_CONFIG",
+    "BOT_SECRET_KEY",
     "BOT_STORE_URL",
     "FEISHU_APP_ID",
     "FEISHU_APP_SECRET",

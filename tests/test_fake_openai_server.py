@@ -22,13 +22,20 @@ from tests.fakes.openai_server import (
     FakeOpenAIThread,
     Hang,
     ManualClock,
+    RawResponse,
     Reply,
     ResetAfter,
+    StreamError,
+    azure_rate_limited,
     context_length_exceeded,
     error_sample,
     estimate_tokens,
+    html_page,
+    in_stream_error,
+    in_stream_sample,
     insufficient_quota,
     invalid_api_key,
+    not_found_page,
     rate_limit_exceeded,
     server_error,
 )
@@ -348,6 +355,192 @@ async def test_models_endpoint_can_be_scripted_separately_from_chat(
     with pytest.raises(openai.InternalServerError):
         await client.models.list()
     await client.models.list()
+
+
+# --- real provider errors, errors inside the stream, pages that are not an API ---------------
+
+
+HTTP_SAMPLES = sorted(name for name, s in OPENAI_ERROR_SAMPLES.items() if not s.get("in_stream"))
+STREAM_SAMPLES = sorted(name for name, s in OPENAI_ERROR_SAMPLES.items() if s.get("in_stream"))
+
+
+@pytest.mark.parametrize("name", HTTP_SAMPLES)
+async def test_every_provider_sample_reaches_the_sdk_with_its_status_headers_and_body(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI, name: str
+) -> None:
+    sample = OPENAI_ERROR_SAMPLES[name]
+    fake.script(KEY).enqueue(error_sample(name))
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+
+    err = excinfo.value
+    assert err.status_code == sample["status"]
+    for header, value in sample["headers"].items():
+        assert err.response.headers[header] == value
+    body = sample["body"]
+    # The SDK keeps the inner "error" object of an object body, and a list body as it is.
+    assert err.body == (body["error"] if isinstance(body, dict) else body)
+
+
+async def test_gemini_errors_arrive_as_a_one_element_list(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(error_sample("gemini_rate_limited"))
+
+    with pytest.raises(openai.RateLimitError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert isinstance(excinfo.value.body, list)
+    assert excinfo.value.body[0]["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert excinfo.value.code is None  # nothing for the SDK to read: the classifier must
+
+
+async def test_azure_rate_limited_says_quota_in_the_message_and_waits_in_retry_after(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(azure_rate_limited(retry_after=5))
+
+    with pytest.raises(openai.RateLimitError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    err = excinfo.value
+    assert err.code == "429"
+    assert "pricing tier. Please retry after 5 seconds" in err.message
+    assert dict(err.response.headers).get("retry-after") == "5"
+
+
+async def test_an_error_event_before_any_chunk_is_raised_by_the_first_iteration(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(in_stream_error("insufficient_quota", message="No quota."))
+    stream = await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+    received: list[Any] = []
+
+    async def consume() -> None:
+        async for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(openai.APIError) as excinfo:
+        await consume()
+
+    assert received == []
+    assert type(excinfo.value) is openai.APIError
+    assert excinfo.value.code == "insufficient_quota"
+    assert excinfo.value.message == "No quota."
+
+
+async def test_an_error_event_after_some_chunks_comes_after_their_text(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, reply="abcdefghij", chunk_size=2)
+    fake.script(KEY).enqueue(in_stream_error("rate_limit_exceeded", after_chunks=2))
+    stream = await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(openai.APIError) as excinfo:
+        await consume()
+
+    assert received == ["", "ab", "cd"]  # role chunk + two content deltas
+    assert excinfo.value.code == "rate_limit_exceeded"
+
+
+@pytest.mark.parametrize("name", STREAM_SAMPLES)
+async def test_every_in_stream_sample_is_raised_with_its_error_object(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI, name: str
+) -> None:
+    fake.script(KEY).enqueue(in_stream_sample(name, after_chunks=1))
+    stream = await client.chat.completions.create(model=MODEL, messages=_messages(), stream=True)
+
+    async def consume() -> None:
+        async for _ in stream:
+            pass
+
+    with pytest.raises(openai.APIError) as excinfo:
+        await consume()
+
+    assert excinfo.value.body == OPENAI_ERROR_SAMPLES[name]["body"]["error"]
+
+
+async def test_an_error_event_can_carry_an_sse_event_name(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(in_stream_sample("stream_zhipu_concurrency"))
+    async with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=_messages(), stream=True
+    ) as response:
+        lines = [line async for line in response.iter_lines() if line]
+
+    assert lines[0] == "event: error"
+    assert lines[1].startswith('data: {"error": {"code": "1302"')
+    assert "data: [DONE]" not in lines
+
+
+async def test_a_stream_error_answers_a_non_streaming_request_with_a_500(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(StreamError({"error": {"message": "boom", "code": "server_error"}}))
+
+    with pytest.raises(openai.InternalServerError) as excinfo:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert excinfo.value.code == "server_error"
+
+
+def test_samples_are_used_through_the_helper_that_matches_where_they_are_sent() -> None:
+    with pytest.raises(ValueError, match="in_stream_sample"):
+        error_sample("stream_insufficient_quota")
+    with pytest.raises(ValueError, match="error_sample"):
+        in_stream_sample("insufficient_quota")
+
+
+async def test_a_raw_page_is_answered_as_text_and_the_sdk_keeps_it_as_the_body(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(not_found_page(), path=MODELS_PATH)
+    fake.script(KEY).enqueue(html_page(status=403))
+
+    with pytest.raises(openai.NotFoundError) as not_found:
+        await client.models.list()
+    with pytest.raises(openai.PermissionDeniedError) as forbidden:
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+
+    assert not_found.value.body == "404 page not found"
+    assert isinstance(forbidden.value.body, str)
+    assert forbidden.value.body.startswith("<!doctype html>")
+
+
+async def test_a_raw_200_page_reaches_the_client_unparsed(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(RawResponse(text="<html>welcome</html>"), path=MODELS_PATH)
+
+    response = await client.models.with_raw_response.list()
+
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.http_response.text == "<html>welcome</html>"
+
+
+async def test_models_persistent_answers_every_models_request_of_that_key_only(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY, models_persistent=invalid_api_key())
+
+    for _ in range(2):
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+    completion = await client.chat.completions.create(model=MODEL, messages=_messages())
+    async with openai.AsyncOpenAI(
+        base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0
+    ) as other:
+        page = await other.models.list()
+
+    assert completion.choices[0].message.content == "echo: hello world"
+    assert [m.id for m in page.data] == list(DEFAULT_MODELS)
 
 
 # --- hangs, resets and gates -----------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -22,8 +23,15 @@ from pydantic import SecretStr
 
 from bot.config import KeyEntry
 from bot.errors import AllKeysUnavailable
-from bot.llm.keypool import FAILURES_BEFORE_REST, KeyPool, KeyView, Lease, key_id_of
-from bot.store import SQLiteStore, Store, StoredKey
+from bot.llm.keypool import (
+    FAILURES_BEFORE_REST,
+    KeyPool,
+    KeyStateChange,
+    KeyView,
+    Lease,
+    key_id_of,
+)
+from bot.store import SQLiteStore, Store, StoredKey, Usage
 from tests.store_contract import FakeClock
 
 SECRET_A = "sk-test-aaaaaaaaaaaaaaaaaaaa1111"
@@ -85,6 +93,9 @@ class MemoryStore:
 
     async def delete_key(self, key_id: str) -> bool:
         return self.keys.pop(key_id, None) is not None
+
+    async def usage_for_day(self, day: str) -> list[Usage]:
+        return []
 
 
 @pytest.fixture
@@ -201,7 +212,7 @@ async def test_a_key_owned_by_env_is_recorded_as_coming_from_the_environment(
     assert sources == {id_of(SECRET_A): ("env", "env"), id_of(SECRET_B): ("config", "alice")}
 
 
-async def test_a_key_removed_from_config_is_deleted_while_a_donated_key_survives_reload(
+async def test_a_key_removed_from_config_is_deactivated_and_a_donated_key_survives_reload(
     make_pool: PoolFactory, store: SQLiteStore
 ) -> None:
     pool = await loaded_pool(make_pool, SECRET_A, SECRET_B)
@@ -211,9 +222,15 @@ async def test_a_key_removed_from_config_is_deleted_while_a_donated_key_survives
 
     await pool.load([entry(SECRET_A)])
 
-    remaining = {id_of(SECRET_A), donated.key_id}
-    assert set(shown(pool)) == remaining
-    assert {key.key_id for key in await store.load_keys()} == remaining
+    states = {key_id: (key.state, key.reason) for key_id, key in shown(pool).items()}
+    assert states == {
+        id_of(SECRET_A): ("active", None),
+        id_of(SECRET_B): ("disabled", "no longer in settings"),
+        donated.key_id: ("active", None),
+    }
+    assert {key.key_id for key in await store.load_keys()} == set(states)
+    await pool.load([entry(SECRET_A), entry(SECRET_B)])  # put back: in service again
+    assert {key.state for key in shown(pool).values()} == {"active"}
 
 
 async def test_adding_a_known_secret_returns_the_existing_key_unchanged(
@@ -853,11 +870,32 @@ class KeyPoolMachine(RuleBasedStateMachine):
         self.rate_limit_streak[key] = 0
         self.transient_streak[key] = 0
 
+    @rule(key=st.sampled_from(PROPERTY_KEYS), tokens=st.integers(min_value=0, max_value=10**6))
+    def count_tokens(self, key: str, tokens: int) -> None:
+        self.pool.count_tokens(key, tokens)  # fair use moves users, never the rules above
+
+    @rule(works=st.booleans())
+    def health_check(self, works: bool) -> None:
+        async def check(secret: str) -> bool:
+            return works
+
+        self.run(self.pool.recheck(check))
+        if works:  # every disable here is automatic: a working key comes back
+            for key in self.disabled:
+                self.cooling_until.pop(key, None)
+                self.rate_limit_streak[key] = 0
+                self.transient_streak[key] = 0
+            self.disabled.clear()
+
     @rule(seconds=st.floats(min_value=0, max_value=2 * MAX_COOLDOWN_S))
     def advance_clock(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
     # -- invariants --
+
+    @invariant()
+    def no_key_is_ever_lost(self) -> None:
+        assert set(shown(self.pool)) == set(PROPERTY_KEYS)
 
     @invariant()
     def in_flight_equals_unreleased_leases_per_key(self) -> None:
@@ -935,3 +973,106 @@ async def test_toggling_enabled_in_config_does_not_revive_an_automatically_disab
     await pool.load([KeyEntry(key=SecretStr(FINDINGS_SECRET), enabled=False)])
     await pool.load([KeyEntry(key=SecretStr(FINDINGS_SECRET), enabled=True)])
     assert pool.keys()[0].state == "disabled"
+
+
+# ---- sharing the pool: owners, reservations, fair use, recovery -------------------------------
+
+
+async def test_owner_first_sends_a_donor_to_their_own_key(make_pool: PoolFactory) -> None:
+    pool = await loaded_pool(make_pool, SECRET_A, SECRET_B, SECRET_C)
+    donated = await pool.add(DONATED, owner="ou_donor", source="donated")
+    pool.owner_first = False
+    others = {await use(pool, f"ou_someone_{n}") for n in range(40)}
+    assert len(others) > 1  # without the option the donor's key is just one of the pool
+    pool.owner_first = True
+    assert {await use(pool, "ou_donor") for _ in range(5)} == {donated.key_id}
+
+
+async def test_a_reserved_key_serves_only_its_users(make_pool: PoolFactory) -> None:
+    reserved = {id_of(SECRET_A): ["ou_vip"]}
+    pool = await loaded_pool(make_pool, SECRET_A, SECRET_B, reserved_for=reserved)  # type: ignore[arg-type]
+    assert await use(pool, "ou_vip") == id_of(SECRET_A)
+    assert {await use(pool, f"ou_user_{n}") for n in range(50)} == {id_of(SECRET_B)}
+
+
+async def test_a_key_over_its_fair_share_of_todays_tokens_loses_some_users(
+    make_pool: PoolFactory,
+) -> None:
+    secrets = (SECRET_A, SECRET_B, SECRET_C, SECRET_D)
+    pool = await loaded_pool(make_pool, *secrets)
+    users = [f"ou_user_{n}" for n in range(200)]
+    before = {user: await use(pool, user) for user in users}
+    heavy = id_of(SECRET_A)
+    pool.count_tokens(heavy, 90_000)  # one key did most of today's work
+    for key in secrets[1:]:
+        pool.count_tokens(id_of(key), 10_000)
+    after = {user: await use(pool, user) for user in users}
+    on_heavy_before = sum(1 for key in before.values() if key == heavy)
+    on_heavy_after = sum(1 for key in after.values() if key == heavy)
+    assert on_heavy_after < on_heavy_before * 0.6
+    moved = [user for user in users if before[user] != after[user]]
+    assert all(before[user] == heavy for user in moved)  # only the heavy key's users move
+
+
+async def test_an_automatically_disabled_key_is_announced_once_and_revived_by_the_check(
+    make_pool: PoolFactory,
+) -> None:
+    pool = await loaded_pool(make_pool, SECRET_A)
+    donated = await pool.add(DONATED, owner="ou_donor", source="donated")
+    changes: list[tuple[str, str, str]] = []
+
+    async def hook(change: KeyStateChange) -> None:
+        changes.append((change.key_id, change.change, change.owner))
+
+    pool.on_state_change = hook
+    await pool.disable(donated.key_id, "401 invalid_api_key")
+    await pool.disable(donated.key_id, "401 invalid_api_key")  # the same state: no new notice
+    assert changes == [(donated.key_id, "disabled", "ou_donor")]
+
+    async def still_dead(secret: str) -> bool:
+        return False
+
+    assert await pool.recheck(still_dead) == 0
+    assert view(pool, donated.key_id).state == "disabled"
+
+    checked: list[str] = []
+
+    async def works_again(secret: str) -> bool:
+        checked.append(secret)
+        return True
+
+    assert await pool.recheck(works_again) == 1
+    assert checked == [DONATED]
+    assert view(pool, donated.key_id).state == "active"
+    assert changes[-1] == (donated.key_id, "enabled", "ou_donor")
+
+
+async def test_a_manual_disable_is_never_lifted_by_the_check(make_pool: PoolFactory) -> None:
+    pool = await loaded_pool(make_pool, SECRET_A, SECRET_B)
+    await pool.disable(id_of(SECRET_A), "disabled by an admin", by="manual")
+
+    async def works(secret: str) -> bool:
+        return True
+
+    assert await pool.recheck(works) == 0
+    assert view(pool, id_of(SECRET_A)).state == "disabled"
+
+
+async def test_a_removed_key_is_gone_from_pool_and_store(
+    make_pool: PoolFactory, store: SQLiteStore
+) -> None:
+    pool = await loaded_pool(make_pool, SECRET_A)
+    donated = await pool.add(DONATED, owner="ou_donor", source="donated")
+    assert await pool.remove(donated.key_id) is True
+    assert await pool.remove(donated.key_id) is False
+    assert donated.key_id not in shown(pool)
+    assert donated.key_id not in {key.key_id for key in await store.load_keys()}
+
+
+async def test_todays_tokens_survive_a_restart(make_pool: PoolFactory, store: SQLiteStore) -> None:
+    pool = await loaded_pool(make_pool, SECRET_A)
+    day = datetime.fromtimestamp(FakeClock().now).strftime("%Y-%m-%d")
+    await store.add_usage(day, "ou_user", id_of(SECRET_A), 100, 23)
+    again = await loaded_pool(make_pool, SECRET_A)
+    assert view(again, id_of(SECRET_A)).tokens_today == 123
+    assert view(pool, id_of(SECRET_A)).tokens_today == 0  # loaded before the usage existed

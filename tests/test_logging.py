@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from bot.logging import Redactor, configure_logging, get_logger, mask_key
+from bot.logging import Redactor, configure_logging, contains_api_key, get_logger, mask_key
+from tests.test_key_shapes import OPENAI_LEGACY, SAMPLE_IDS, SAMPLES
 
 APP_SECRET = "Zq8VvY2u6wXkR1pLm3nB7cT9dE4fG5hJ"
 CONFIGURED_KEY = "azure-0123456789abcdef0123456789abcdef"
@@ -30,8 +31,17 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
 
 def test_mask_key_shows_prefix_and_last_four() -> None:
     assert mask_key("sk-abcdefghijklmnop1234") == "sk-…1234"
+    assert mask_key(SK_KEY) == "sk-proj-…StUv"
     assert mask_key("0123456789abcdef") == "…cdef"
-    assert mask_key("short") == "***"
+    assert mask_key("short") == "…"
+
+
+def test_contains_api_key_still_answers_for_every_key_shape() -> None:
+    assert contains_api_key(f"我的key是{OPENAI_LEGACY}")
+    assert all(contains_api_key(f"try {key}") for _, key, _ in SAMPLES)
+    assert not contains_api_key(
+        "pip install sk-learn; see commit 3f5669d54579033ec6a1b1c9913510e7e42963cb"
+    )
 
 
 def test_json_lines_carry_event_level_logger_and_fields(captured: io.StringIO) -> None:
@@ -52,7 +62,31 @@ def test_no_secret_survives_in_messages_fields_or_nested_values(captured: io.Str
     output = captured.getvalue()
     for secret in (APP_SECRET, CONFIGURED_KEY, SK_KEY):
         assert secret not in output
-    assert "sk-…StUv" in output
+    assert "sk-proj-…StUv" in output
+
+
+@pytest.mark.parametrize(("kind", "key", "masked"), SAMPLES, ids=SAMPLE_IDS)
+def test_a_log_line_with_any_key_shape_is_masked(
+    captured: io.StringIO, kind: str, key: str, masked: str
+) -> None:
+    get_logger("bot.test").warning(
+        f"provider said no to {key}", detail={"sent": [f"我的key是{key}"]}
+    )
+    logging.getLogger("Lark").info("request with %s failed", key)
+    logging.getLogger("httpx").warning(f"GET https://api.example/v1?x=1&k={key} 401")
+    output = captured.getvalue()
+    assert key not in output
+    assert masked in output
+    assert len(lines(captured)) == 3
+
+
+def test_the_app_secret_is_masked_even_inside_a_longer_word(captured: io.StringIO) -> None:
+    logging.getLogger("Lark").info(f"signature base: ts1700000000{APP_SECRET}nonce")
+    assert APP_SECRET not in captured.getvalue()
+
+
+def test_a_short_configured_secret_is_still_masked() -> None:
+    assert Redactor(["pa55wd"]).text("password is pa55wd!") == "password is …!"
 
 
 def test_no_secret_survives_in_exception_messages_and_tracebacks(captured: io.StringIO) -> None:

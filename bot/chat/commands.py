@@ -12,6 +12,8 @@ class CommandName(Enum):
 
     RESET = "reset"
     HELP = "help"
+    KEY = "key"
+    KEYS = "keys"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ _ALIASES: dict[str, CommandName] = {
     "清空": CommandName.RESET,
     "help": CommandName.HELP,
     "帮助": CommandName.HELP,
+    "key": CommandName.KEY,
+    "keys": CommandName.KEYS,
 }
 
 # A command is "/word" at the very start, optionally followed by an argument. A path such as
@@ -42,7 +46,11 @@ I am a ChatGPT-style assistant: just write to me and I answer, remembering our c
 
 Commands:
 /reset — forget our conversation and start afresh (also /new, /clear, /重置)
-/help — this help (also /帮助)"""
+/help — this help (also /帮助)
+/key add <key> — share an API key with the bot (in a private chat; or just send the key)
+/key mine — the keys you shared, their state and today's use
+/key remove <key id> — take one of your keys out of the pool
+/keys — every key of the pool (admins; also /keys disable|enable|remove <key id>)"""
 
 
 def parse_command(text: str) -> Command | None:

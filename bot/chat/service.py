@@ -19,6 +19,7 @@ from structlog.stdlib import BoundLogger
 
 from bot.chat.commands import HELP_TEXT, CommandName, parse_command, unknown_command_text
 from bot.chat.history import build_prompt
+from bot.chat.key_commands import GROUP_KEY_TEXT, KeyCommands
 from bot.chat.ordering import ConversationQueue, Place
 from bot.chat.replies import (
     Exchange,
@@ -32,6 +33,7 @@ from bot.chat.replies import (
 from bot.chat.tokens import estimate_message_tokens, estimate_tokens
 from bot.config import ChatSettings
 from bot.errors import AllKeysUnavailable, LLMError, ReplyInterrupted, RequestRejected
+from bot.keyshapes import is_key_message
 from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
 from bot.logging import contains_api_key, get_logger
 from bot.store import Store, Turn, TurnStatus, UsageRecord
@@ -42,8 +44,8 @@ log = get_logger(__name__)
 
 KEY_IN_MESSAGE_TEXT = (
     "That message contains something that looks like an API key, so I did not send it to the "
-    "model and did not keep it. Donating keys by chat is not available yet: please give keys "
-    "to the bot's owner, and consider the key exposed if others can read this chat."
+    "model and did not keep it. To share a key with the bot, send just the key to me in a "
+    "private chat (or /key add <key>); consider the key exposed if others can read this chat."
 )
 
 
@@ -55,6 +57,7 @@ class IncomingMessage:
     user_id: str
     text: str
     message_id: str
+    in_group: bool = False
 
 
 class ChatModel(Protocol):
@@ -82,8 +85,12 @@ class ConversationService:
         *,
         clock: Clock = time.time,
         model: str | None = None,
+        keys: KeyCommands | None = None,
+        secrets: Sequence[str] = (),
     ) -> None:
         self._store = store
+        self._keys = keys
+        self._secrets = tuple(secrets)  # the app secret and configured keys: never a prompt
         self._llm = llm
         self._settings = settings
         self._clock = clock
@@ -106,12 +113,29 @@ class ConversationService:
         if not text:
             yield ReplyFinished(HELP_TEXT)
             return
-        if contains_api_key(text):
+        command = parse_command(text)
+        if command is not None and command.name in (CommandName.KEY, CommandName.KEYS):
+            if self._keys is None:
+                yield ReplyFinished("The key pool cannot be managed from here.")
+            else:
+                yield ReplyFinished(
+                    await self._keys.run(
+                        command, user_id=message.user_id, in_group=message.in_group
+                    )
+                )
+            return
+        secret = is_key_message(text)
+        if secret is not None and self._keys is not None:
+            # A donation: never a prompt, never history (the reply carries no exchange).
+            yield ReplyFinished(
+                await self._keys.donate(secret, user_id=message.user_id, in_group=message.in_group)
+            )
+            return
+        if contains_api_key(text, self._secrets):
             # Never send a key to the model or keep it in history.
             bound.warning("api_key_in_message_refused")
-            yield ReplyFinished(KEY_IN_MESSAGE_TEXT)
+            yield ReplyFinished(GROUP_KEY_TEXT if message.in_group else KEY_IN_MESSAGE_TEXT)
             return
-        command = parse_command(text)
         if command is not None:
             if command.name is CommandName.RESET:
                 removed = await self._store.clear_conversation(message.conversation_id)
@@ -162,6 +186,8 @@ class ConversationService:
                 elif isinstance(event, Completed):
                     key_id = event.key_id
                     usage = event.usage or _estimate_usage(prompt, answer)
+                    if self._keys is not None:
+                        self._keys.count_tokens(key_id, usage)
                     note = _finish_note(event.finish_reason, answer)
                     complete = event.finish_reason not in _STOPPED_EARLY
                     yield ReplyFinished(

@@ -163,6 +163,7 @@ class Answerer:
                 user_id=message.sender_open_id,
                 text=message.text,
                 message_id=message.message_id,
+                in_group=message.in_group,
             )
         )
         self._start(_Job(message, record, reply, delayed=delayed, merged_ids=merged_ids or []))

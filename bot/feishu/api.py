@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from tenacity import (
@@ -148,6 +148,23 @@ class FeishuApi:
             raise FeishuApiError("message_reply", code=-1, msg="no message_id in the answer")
         return sent
 
+    async def send_to_user(self, open_id: str, text: str, *, uuid: str) -> str:
+        """Send a text message to a user's private chat with the bot; return its id."""
+        body = {
+            "receive_id": open_id,
+            "msg_type": "text",
+            "content": json.dumps({"text": text}, ensure_ascii=False),
+            "uuid": uuid,
+        }
+        data = await self.call(
+            "message_create",
+            "POST",
+            "/open-apis/im/v1/messages",
+            queries=[("receive_id_type", "open_id")],
+            body=body,
+        )
+        return str(data.get("message_id") or "")
+
     async def set_card_text(
         self, card_id: str, element_id: str, text: str, sequence: int, *, retry: bool = True
     ) -> None:
@@ -194,6 +211,7 @@ class FeishuApi:
         uri: str,
         *,
         paths: Mapping[str, str] | None = None,
+        queries: Sequence[tuple[str, str]] = (),
         body: Any = None,
         retry: bool = True,
     ) -> dict[str, Any]:
@@ -209,7 +227,7 @@ class FeishuApi:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._call_once(what, method, uri, paths or {}, body)
+                return await self._call_once(what, method, uri, paths or {}, queries, body)
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
     def _wait(self, state: RetryCallState) -> float:
@@ -235,7 +253,13 @@ class FeishuApi:
             await self._on_token_invalid()
 
     async def _call_once(
-        self, what: str, method: str, uri: str, paths: Mapping[str, str], body: Any
+        self,
+        what: str,
+        method: str,
+        uri: str,
+        paths: Mapping[str, str],
+        queries: Sequence[tuple[str, str]],
+        body: Any,
     ) -> dict[str, Any]:
         from lark_oapi.core.enum import AccessTokenType, HttpMethod
         from lark_oapi.core.model import BaseRequest
@@ -244,6 +268,7 @@ class FeishuApi:
         request.http_method = HttpMethod[method]
         request.uri = uri
         request.paths = dict(paths)
+        request.queries = list(queries)
         request.token_types = {AccessTokenType.TENANT}
         request.body = body
         try:

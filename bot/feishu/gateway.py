@@ -27,6 +27,7 @@ from bot.errors import FeishuConnectError
 from bot.feishu import http_pool, sdk_compat
 from bot.feishu.answerer import Answerer
 from bot.feishu.api import FeishuApi
+from bot.feishu.key_notices import KeyNotices
 from bot.feishu.messages import FeishuMessage, from_inbound
 from bot.feishu.replier import CardReplier
 from bot.feishu.token_keeper import TenantTokenKeeper
@@ -96,6 +97,11 @@ class FeishuGateway:
             timeout_s=REST_TIMEOUT_S,  # the channel's own client would wait forever
         )
         api = FeishuApi(client, on_token_invalid=self._tokens.refresh_now)
+        self._core.pool.on_state_change = KeyNotices(
+            api,
+            self._settings.access.admins,
+            health_check_minutes=self._settings.keys.health_check_minutes,
+        )
         replier = CardReplier(api, update_interval_s=self._settings.chat.stream_update_ms / 1000)
         self._answerer = Answerer(
             self._settings, self._core.store, self._core.service, replier, clock=self._clock

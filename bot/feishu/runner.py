@@ -1,7 +1,9 @@
 """``python -m bot run``: the bot's life from start to a clean exit.
 
 Start: take the store's instance lock (one bot per store), open the core (store, keys, LLM
-client), connect to Feishu, answer what a previous run left unanswered. Then serve until SIGINT or
+client), connect to Feishu, answer what a previous run left unanswered. In the background:
+housekeeping (expired marks, old history) and the key health check (automatically disabled keys
+are re-checked at start and every ``keys.health_check_minutes``). Then serve until SIGINT or
 SIGTERM (or until the connection is lost for longer than ``feishu.reconnect_timeout_s``: then
 exit 1), let answers in progress finish within ``feishu.shutdown_grace_s`` (what is cut short or
 still queued stays in the inbox for the next start), disconnect, close the store.
@@ -10,18 +12,22 @@ still queued stays in the inbox for the next start), disconnect, close the store
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 from bot import signals
 from bot.app import build_core
 from bot.config import Settings
 from bot.errors import FeishuConnectError
 from bot.feishu.gateway import FeishuGateway
+from bot.llm.keypool import KeyPool
+from bot.llm.validation import KeyCheck
 from bot.logging import Redactor, get_logger
 from bot.store import Store
 from bot.store.lock import InstanceLock
-from bot.timing import Clock
+from bot.timing import Clock, Sleep
 
 log = get_logger(__name__)
 
@@ -47,11 +53,17 @@ async def serve(settings: Settings, redactor: Redactor) -> None:
                     housekeeping = background.create_task(
                         _housekeeping(core.store, settings.chat.history_retention_days)
                     )
+                    health = background.create_task(
+                        keep_keys_checked(
+                            core.pool, core.check_key, settings.keys.health_check_minutes
+                        )
+                    )
                     await gateway.resume_inbox()
                     log.info("bot_ready", model=settings.llm.model)
                     await stop.wait()
                     log.info("bot_stopping")
                     housekeeping.cancel()
+                    health.cancel()
             finally:
                 await gateway.stop()
             if gateway.lost_reason:
@@ -83,3 +95,25 @@ async def _housekeeping(
         forgotten = await store.forget_arrivals(before=clock() - ARRIVALS_KEPT_S)
         log.debug("housekeeping_done", dedup_marks=removed, turns=pruned, arrivals=forgotten)
         await asyncio.sleep(every_s)
+
+
+async def keep_keys_checked(
+    pool: KeyPool,
+    check: Callable[[str], Awaitable[KeyCheck]],
+    every_minutes: float,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    jitter: Callable[[], float] = lambda: random.uniform(0.8, 1.2),
+) -> None:
+    """Re-check automatically disabled keys at start, then every ``every_minutes`` (jittered,
+    so several bots do not all ask at once); those that work again return to the pool."""
+
+    async def works(secret: str) -> bool:
+        return (await check(secret)).verdict == "valid"
+
+    while True:
+        revived = await pool.recheck(works)
+        log.info("keys_rechecked", revived=revived)
+        if every_minutes <= 0:
+            return
+        await sleep(every_minutes * 60 * jitter())

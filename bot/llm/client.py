@@ -3,10 +3,12 @@
 One ``openai.AsyncOpenAI`` (``max_retries=0``: retries are ours) serves every key through
 ``with_options(api_key=…)``, which shares its connection pool. ``tenacity`` retries the part of a
 request that comes *before* the first token: lease a key, send, read until text arrives. Each
-failure is classified (:mod:`bot.llm.errors`): a rate-limited key cools and the next attempt starts
-at once on another key; a dead key is disabled, likewise; a 5xx, timeout or connection error backs
-off with jitter; a rejected request (400/422) is not retried. Once text has reached the caller the
-request is never retried on another key: a broken stream ends with :class:`ReplyInterrupted`.
+failure is classified (:mod:`bot.llm.classifier`): a rate-limited key cools and the next attempt
+starts at once on another key; a dead key is disabled, likewise; a 5xx, timeout or connection error
+backs off with jitter; a rejected request (400/422) is not retried. Once text has reached the
+caller the request is never retried on another key: a broken stream ends with
+:class:`ReplyInterrupted`, and the failure still counts against the key as classified (an error
+event saying ``insufficient_quota`` mid-answer disables the key, a rate-limit event cools it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tenacity import (
 
 from bot.config import LLMSettings
 from bot.errors import LLMError, ReplyInterrupted, RequestRejected
-from bot.llm.errors import Classified, Outcome, classify
+from bot.llm.classifier import Classified, Outcome, classify
 from bot.llm.events import (
     ChatMessage,
     Completed,
@@ -190,20 +192,25 @@ class LLMClient:
     async def _penalize(self, lease: Lease, exc: Exception) -> Exception:
         """Apply an attempt's failure to its key; return what to raise (retryable or final)."""
         classified = classify(exc)
-        if classified.outcome is Outcome.RATE_LIMIT:
-            await self._pool.cool(lease.key_id, classified.retry_after_s, classified.reason)
-            return _Retryable(classified, switch=True, key=lease.masked)
-        if classified.outcome is Outcome.KEY_DEAD:
-            await self._pool.disable(lease.key_id, classified.reason)
+        await self._apply(lease, classified)
+        if classified.outcome in (Outcome.RATE_LIMIT, Outcome.KEY_DEAD):
             return _Retryable(classified, switch=True, key=lease.masked)
         if classified.outcome is Outcome.TRANSIENT:
-            await self._pool.report_transient_failure(lease.key_id, classified.reason)
             return _Retryable(classified, switch=False, key=lease.masked)
         if self.include_usage and _mentions_stream_options(exc):
             log.info("stream_options_unsupported", base_url=self._settings.base_url)
             self.include_usage = False
             return _Retryable(classified, switch=True, key=lease.masked)
         return RequestRejected(classified.reason, code=classified.code)
+
+    async def _apply(self, lease: Lease, classified: Classified) -> None:
+        """What a failure does to the key: cool it, disable it, count it, or nothing (rejected)."""
+        if classified.outcome is Outcome.RATE_LIMIT:
+            await self._pool.cool(lease.key_id, classified.retry_after_s, classified.reason)
+        elif classified.outcome is Outcome.KEY_DEAD:
+            await self._pool.disable(lease.key_id, classified.reason)
+        elif classified.outcome is Outcome.TRANSIENT:
+            await self._pool.report_transient_failure(lease.key_id, classified.reason)
 
     def _wait(self, state: RetryCallState) -> float:
         failure = state.outcome.exception() if state.outcome else None
@@ -238,8 +245,17 @@ class LLMClient:
                         text_so_far += text
                         emit(TextDelta(text))
         except Exception as exc:
-            await self._pool.report_transient_failure(lease.key_id, classify(exc).reason)
-            log.warning("llm_stream_broken", key=lease.masked, chars=len(text_so_far))
+            # Text was shown: the answer is never retried, but the key still pays for the failure
+            # (an in-stream insufficient_quota disables it, a rate-limit event cools it).
+            classified = classify(exc)
+            await self._apply(lease, classified)
+            log.warning(
+                "llm_stream_broken",
+                key=lease.masked,
+                chars=len(text_so_far),
+                outcome=classified.outcome.value,
+                reason=classified.reason,
+            )
             raise ReplyInterrupted(text_so_far) from None
         finally:
             with contextlib.suppress(Exception):

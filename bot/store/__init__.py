@@ -18,13 +18,16 @@ from bot.store.base import (
     Usage,
     UsageRecord,
 )
+from bot.store.crypto import SECRET_KEY_ENV, KeyCipher, secret_key_from_env
 from bot.store.lock import InstanceLock, lock_holder
 from bot.store.sqlite import SQLiteStore
 from bot.timing import Clock
 
 __all__ = [
+    "SECRET_KEY_ENV",
     "InboxEntry",
     "InstanceLock",
+    "KeyCipher",
     "KeySource",
     "KeyState",
     "SQLiteStore",
@@ -36,15 +39,26 @@ __all__ = [
     "UsageRecord",
     "create_store",
     "lock_holder",
+    "secret_key_from_env",
 ]
 
 
 def create_store(
-    settings: StoreSettings, *, cwd: Path | None = None, clock: Clock = time.time
+    settings: StoreSettings,
+    *,
+    cwd: Path | None = None,
+    clock: Clock = time.time,
+    secret_key: str | None = None,
 ) -> Store:
-    """Build the store named by ``store.url`` (not opened yet)."""
+    """Build the store named by ``store.url`` (not opened yet).
+
+    ``secret_key`` is the value of ``BOT_SECRET_KEY`` (read at the edge with
+    :func:`secret_key_from_env`): when given, API key secrets are stored encrypted with it
+    (:mod:`bot.store.crypto`). A value too short to be safe is a :class:`ConfigError`.
+    """
+    cipher = KeyCipher.from_secret(secret_key) if secret_key else None
     if settings.url.startswith("sqlite:"):
-        return SQLiteStore(settings.sqlite_path(cwd), clock=clock)
+        return SQLiteStore(settings.sqlite_path(cwd), clock=clock, cipher=cipher)
     scheme = settings.url.split("://", 1)[0]
     raise ConfigError(
         [

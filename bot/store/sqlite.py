@@ -7,6 +7,10 @@ interleave. The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIO
 
 Writes that belong together (accepting a message, recording a delivered answer, setting an inbox
 row aside) run in one ``BEGIN IMMEDIATE`` transaction, so a crash keeps all of them or none.
+
+With a :class:`bot.store.crypto.KeyCipher` (``BOT_SECRET_KEY`` set) API key secrets are written
+sealed, and :meth:`SQLiteStore.open` seals the plain ones it finds in place, then rewrites the
+file (``VACUUM``) and empties the WAL, so no old plain copy is left behind in free space.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from bot.errors import StoreError
+from bot.logging import get_logger
 from bot.store.base import (
     InboxEntry,
     KeySource,
@@ -34,9 +39,12 @@ from bot.store.base import (
     Usage,
     UsageRecord,
 )
+from bot.store.crypto import KeyCipher, is_sealed, open_secret, seal_secret
 from bot.timing import Clock
 
 T = TypeVar("T")
+
+log = get_logger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -162,18 +170,29 @@ def _inbox_row(entry: InboxEntry) -> tuple[Any, ...]:
 
 
 class SQLiteStore:
-    """:class:`bot.store.base.Store` on a local SQLite file."""
+    """:class:`bot.store.base.Store` on a local SQLite file.
 
-    def __init__(self, path: Path | str, *, clock: Clock = time.time) -> None:
+    ``cipher`` seals API key secrets (see :mod:`bot.store.crypto`); without it they are stored
+    plain, and sealed ones cannot be read.
+    """
+
+    def __init__(
+        self, path: Path | str, *, clock: Clock = time.time, cipher: KeyCipher | None = None
+    ) -> None:
         self.path = Path(path)
         self._clock = clock
+        self._cipher = cipher
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the file (0600) and its directory, switch to WAL and migrate the schema."""
+        """Create the file (0600) and its directory, switch to WAL and migrate the schema.
+
+        With a cipher, plain key secrets are sealed in place; a :class:`StoreError` when the keys
+        already sealed were sealed with another ``BOT_SECRET_KEY`` (nothing is changed then).
+        """
         if self._executor is not None:
             return
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
@@ -212,6 +231,8 @@ class SQLiteStore:
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA busy_timeout=5000")
             self._migrate(connection)
+            if self._cipher is not None:
+                self._seal_plain_keys(connection, self._cipher)
         except sqlite3.Error as exc:
             connection.close()
             raise StoreError(f"cannot prepare the SQLite store at {self.path}: {exc}") from None
@@ -229,6 +250,33 @@ class SQLiteStore:
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             connection.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    def _seal_plain_keys(self, connection: sqlite3.Connection, cipher: KeyCipher) -> None:
+        """Encrypt the secrets stored plain (written before ``BOT_SECRET_KEY`` was set)."""
+        rows = connection.execute("SELECT key_id, secret FROM api_keys").fetchall()
+        plain = [(row["key_id"], row["secret"]) for row in rows if not is_sealed(row["secret"])]
+        for row in rows:  # mixing two keys in one table would leave some keys unreadable
+            if is_sealed(row["secret"]):
+                cipher.open(row["secret"])
+        if not plain:
+            return
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(
+                "UPDATE api_keys SET secret = ? WHERE key_id = ?",
+                [(cipher.seal(secret), key_id) for key_id, secret in plain],
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        # Every earlier save of a key may have left a plain copy in the file's free space (SQLite
+        # zeroes freed space only when built with SECURE_DELETE, which depends on the platform):
+        # VACUUM rewrites the file from the live rows alone and the checkpoint empties the WAL.
+        connection.execute("VACUUM")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.info("keys_encrypted", count=len(plain), store=str(self.path))
 
     def _close_sync(self) -> None:
         if self._connection is not None:
@@ -491,15 +539,17 @@ class SQLiteStore:
     # ---- keys ------------------------------------------------------------------------------
 
     async def save_key(self, key: StoredKey) -> None:
-        """Insert or replace a key record."""
-        await self._run(
-            self._write,
+        """Insert or replace a key record (its secret sealed when the store has a cipher)."""
+        await self._run(self._save_key_sync, key)
+
+    def _save_key_sync(self, key: StoredKey) -> None:
+        self._write(
             "INSERT OR REPLACE INTO api_keys (key_id, secret, masked, owner, source, state,"
             " reason, disabled_by, until, requests, failures, last_used_at, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key.key_id,
-                key.secret,
+                seal_secret(key.secret, self._cipher),
                 key.masked,
                 key.owner,
                 key.source,
@@ -515,12 +565,15 @@ class SQLiteStore:
         )
 
     async def load_keys(self) -> list[StoredKey]:
-        """Every key record, oldest first."""
-        rows = await self._run(self._read, "SELECT * FROM api_keys ORDER BY created_at, key_id")
+        """Every key record, oldest first; :class:`StoreError` when sealed ones cannot be read."""
+        return await self._run(self._load_keys_sync)
+
+    def _load_keys_sync(self) -> list[StoredKey]:
+        rows = self._read("SELECT * FROM api_keys ORDER BY created_at, key_id")
         return [
             StoredKey(
                 key_id=row["key_id"],
-                secret=row["secret"],
+                secret=open_secret(row["secret"], self._cipher),
                 masked=row["masked"],
                 owner=row["owner"],
                 source=cast(KeySource, row["source"]),

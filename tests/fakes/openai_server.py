@@ -27,11 +27,18 @@ which a chat request is processed is:
    else the key's (or default's) ``persistent`` behaviour;
 5. hold on a :class:`Gate` from :meth:`FakeOpenAI.hold_next` (``after_chunks=0``) and/or a
    :class:`Hang` behaviour until released (or the server stops: the connection is aborted);
-6. :class:`ErrorResponse` behaviours are answered as-is;
+6. :class:`ErrorResponse` behaviours are answered as-is (any status, headers and JSON body,
+   e.g. the real provider errors of :data:`OPENAI_ERROR_SAMPLES` via :func:`error_sample`),
+   :class:`RawResponse` likewise (HTML or plain text: not an OpenAI API at all);
 7. ``reject_stream_options`` + a ``stream_options`` field -> 400;
 8. the reply (scripted text, or ``"echo: <last user message>"``), streamed in chunks of
-   ``chunk_size`` characters, optionally cut by :class:`ResetAfter` or paused by a mid-stream
+   ``chunk_size`` characters, optionally cut by :class:`ResetAfter`, broken by an SSE error
+   event (:class:`StreamError`, before any chunk or after some) or paused by a mid-stream
    :class:`Gate`.
+
+``GET /v1/models`` follows steps 1, 2, 4 (one-shot queue, else ``models_persistent``), 5 and 6,
+so a key can answer ``/models`` with a 401, a 404 page and so on while chat works, or the other
+way round.
 
 Usage numbers are deterministic: ``prompt_tokens`` is the sum of :func:`estimate_tokens` over
 the text of every message, ``completion_tokens`` is the number of content chunks of the reply
@@ -51,6 +58,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 from aiohttp import web
@@ -63,6 +71,7 @@ __all__ = [
     "MISSING_API_KEY_ERROR",
     "MODELS_PATH",
     "OPENAI_ERROR_SAMPLES",
+    "SAMPLES_FILE",
     "STREAM_OPTIONS_UNSUPPORTED_ERROR",
     "Behaviour",
     "ErrorResponse",
@@ -72,16 +81,23 @@ __all__ = [
     "Hang",
     "KeyScript",
     "ManualClock",
+    "RawResponse",
     "Reply",
     "RequestRecord",
     "ResetAfter",
     "SignalEvent",
+    "StreamError",
+    "azure_rate_limited",
     "context_length_exceeded",
     "echo_reply",
     "error_sample",
     "estimate_tokens",
+    "html_page",
+    "in_stream_error",
+    "in_stream_sample",
     "insufficient_quota",
     "invalid_api_key",
+    "not_found_page",
     "rate_limit_exceeded",
     "server_error",
     "split_chunks",
@@ -94,80 +110,23 @@ MODELS_PATH: Final = "/v1/models"
 DEFAULT_MODELS: Final[tuple[str, ...]] = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 RPM_WINDOW_SECONDS: Final = 60.0
 
-# Verbatim copy of /work/shared/samples/openai_errors.json (tests must not read paths outside
-# the repository).
-OPENAI_ERROR_SAMPLES: Final[dict[str, JSON]] = {
-    "rate_limit_exceeded": {
-        "status": 429,
-        "headers": {"retry-after": "20", "x-ratelimit-reset-requests": "20s"},
-        "body": {
-            "error": {
-                "message": (
-                    "Rate limit reached for gpt-4o-mini in organization org-x on requests per "
-                    "min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s."
-                ),
-                "type": "requests",
-                "param": None,
-                "code": "rate_limit_exceeded",
-            }
-        },
-    },
-    "insufficient_quota": {
-        "status": 429,
-        "headers": {},
-        "body": {
-            "error": {
-                "message": (
-                    "You exceeded your current quota, please check your plan and billing details."
-                ),
-                "type": "insufficient_quota",
-                "param": None,
-                "code": "insufficient_quota",
-            }
-        },
-    },
-    "invalid_api_key": {
-        "status": 401,
-        "headers": {},
-        "body": {
-            "error": {
-                "message": (
-                    "Incorrect API key provided: sk-abc***xyz. You can find your API key at "
-                    "https://platform.openai.com/account/api-keys."
-                ),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_api_key",
-            }
-        },
-    },
-    "server_error": {
-        "status": 500,
-        "headers": {},
-        "body": {
-            "error": {
-                "message": (
-                    "The server had an error while processing your request. Sorry about that!"
-                ),
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        },
-    },
-    "context_length_exceeded": {
-        "status": 400,
-        "headers": {},
-        "body": {
-            "error": {
-                "message": "This model's maximum context length is 128000 tokens.",
-                "type": "invalid_request_error",
-                "param": "messages",
-                "code": "context_length_exceeded",
-            }
-        },
-    },
-}
+SAMPLES_FILE: Final = Path(__file__).with_name("samples") / "openai_errors.json"
+
+
+def _load_samples() -> dict[str, JSON]:
+    samples: dict[str, JSON] = json.loads(SAMPLES_FILE.read_text(encoding="utf-8"))
+    for name, sample in samples.items():
+        missing = {"status", "headers", "body", "source"} - set(sample)
+        if missing:
+            raise ValueError(f"{SAMPLES_FILE.name}: sample {name!r} lacks {sorted(missing)}")
+    return samples
+
+
+#: Real error answers of OpenAI-compatible providers, by name (``samples/openai_errors.json``):
+#: ``status``, ``headers``, ``body`` (a JSON object, or a list for Gemini), ``source`` (where
+#: the body was seen), and for errors sent inside a 200 SSE stream ``in_stream: true`` and
+#: optionally ``event`` (the SSE event name). The first five are the project's shared samples.
+OPENAI_ERROR_SAMPLES: Final[dict[str, JSON]] = _load_samples()
 
 MISSING_API_KEY_ERROR: Final[JSON] = {
     "error": {
@@ -228,10 +187,14 @@ class Gate(Latch):
 
 @dataclass(frozen=True)
 class ErrorResponse:
-    """Answer with an HTTP error: ``status``, extra ``headers`` and a JSON ``body``."""
+    """Answer with an HTTP error: ``status``, extra ``headers`` and a JSON ``body``.
+
+    The body is usually an object (``{"error": {...}}``); Gemini's OpenAI-compatible endpoint
+    answers with a one-element list (``[{"error": {...}}]``), so any JSON value is accepted.
+    """
 
     status: int
-    body: JSON
+    body: Any
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def with_retry_after(self, retry_after: float | str | None) -> ErrorResponse:
@@ -256,7 +219,8 @@ class ErrorResponse:
     @property
     def code(self) -> str | None:
         """The ``error.code`` of the body, if any."""
-        error = self.body.get("error")
+        body = self.body[0] if isinstance(self.body, list) and self.body else self.body
+        error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict):
             code = error.get("code")
             return None if code is None else str(code)
@@ -295,7 +259,37 @@ class Reply:
     finish_reason: str | None = None
 
 
-Behaviour: TypeAlias = ErrorResponse | Hang | ResetAfter | Reply
+@dataclass(frozen=True)
+class StreamError:
+    """Answer 200 and send ``payload`` (an object with an ``"error"`` field) as an SSE data event.
+
+    ``after_chunks == 0`` sends it as the very first event, before any chunk (not even the role
+    chunk); ``after_chunks == n`` sends the role chunk and ``n`` content chunks first, so the
+    client has shown text. ``event`` names the SSE event (Zhipu sends ``event: error``). The
+    stream then ends without ``[DONE]``. The openai SDK raises :class:`openai.APIError` (no
+    status) with ``body == payload["error"]``. A non-streaming request gets HTTP 500 with
+    ``payload`` as its body instead.
+    """
+
+    payload: JSON
+    after_chunks: int = 0
+    event: str | None = None
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """Answer something that is not an OpenAI API: any status with a raw text body.
+
+    For a base URL that points at a web page, a proxy or another service (HTML, plain text).
+    """
+
+    status: int = 200
+    text: str = "<!doctype html><html><head><title>Welcome</title></head><body>Hi</body></html>"
+    content_type: str = "text/html"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Behaviour: TypeAlias = ErrorResponse | Hang | ResetAfter | Reply | StreamError | RawResponse
 
 
 def _format_seconds(value: float | str) -> str:
@@ -309,6 +303,8 @@ def _format_seconds(value: float | str) -> str:
 def error_sample(name: str) -> ErrorResponse:
     """Build an :class:`ErrorResponse` from :data:`OPENAI_ERROR_SAMPLES` (a deep copy)."""
     sample = OPENAI_ERROR_SAMPLES[name]
+    if sample.get("in_stream"):
+        raise ValueError(f"{name!r} is sent inside a stream: use in_stream_sample({name!r})")
     return ErrorResponse(
         status=int(sample["status"]),
         body=copy.deepcopy(sample["body"]),
@@ -346,6 +342,61 @@ def server_error(retry_after: float | str | None = None) -> ErrorResponse:
 def context_length_exceeded() -> ErrorResponse:
     """400 ``context_length_exceeded`` with ``param == "messages"``."""
     return error_sample("context_length_exceeded")
+
+
+def azure_rate_limited(retry_after: float | str = 2) -> ErrorResponse:
+    """Azure OpenAI's per-minute 429: body code ``"429"``, wording about "quota", ``Retry-After``.
+
+    Only a rate limit: the key must rest ``retry_after`` seconds, never be disabled.
+    """
+    err = error_sample("azure_rate_limited")
+    value = _format_seconds(retry_after)
+    err.body["error"]["message"] = str(err.body["error"]["message"]).replace(
+        "retry after 2 seconds", f"retry after {value} seconds"
+    )
+    return replace(err, headers={"retry-after": value})
+
+
+def in_stream_sample(name: str, *, after_chunks: int = 0) -> StreamError:
+    """A :class:`StreamError` from an ``in_stream`` sample of :data:`OPENAI_ERROR_SAMPLES`."""
+    sample = OPENAI_ERROR_SAMPLES[name]
+    if not sample.get("in_stream"):
+        raise ValueError(f"{name!r} is an HTTP error: use error_sample({name!r})")
+    event = sample.get("event")
+    return StreamError(
+        copy.deepcopy(sample["body"]),
+        after_chunks=after_chunks,
+        event=event if isinstance(event, str) else None,
+    )
+
+
+def in_stream_error(
+    code: str | int | None,
+    *,
+    message: str = "The stream failed.",
+    error_type: str | None = None,
+    after_chunks: int = 0,
+    event: str | None = None,
+) -> StreamError:
+    """An SSE ``data: {"error": {...}}`` event with this ``code`` (and ``error_type``).
+
+    ``in_stream_error("insufficient_quota", after_chunks=2)`` breaks a reply after two chunks.
+    """
+    error: JSON = {"message": message, "type": error_type, "param": None, "code": code}
+    return StreamError({"error": error}, after_chunks=after_chunks, event=event)
+
+
+def not_found_page(status: int = 404) -> RawResponse:
+    """What a server without this route answers: ``404 page not found`` as plain text.
+
+    Ollama answered ``GET /v1/models`` like this before it had the route (ollama/ollama#3050).
+    """
+    return RawResponse(status=status, text="404 page not found", content_type="text/plain")
+
+
+def html_page(status: int = 200) -> RawResponse:
+    """An HTML page where an API was expected (a base URL pointing at a website)."""
+    return RawResponse(status=status)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +440,8 @@ class KeyScript:
     ``reply`` is a fixed string or a function of the :class:`RequestRecord`; when unset on both
     the key and the default, the reply is :func:`echo_reply`. ``rpm_limit`` is applied per key
     (a default limit gives every key its own window). ``persistent`` applies to every chat
-    request without a one-shot behaviour; ``queue`` holds one-shot behaviours consumed in order.
+    request without a one-shot behaviour, ``models_persistent`` likewise to ``GET /v1/models``
+    (and ``/v1/models/{id}``); ``queue`` holds one-shot behaviours consumed in order.
     """
 
     reply: str | ReplyFn | None = None
@@ -401,6 +453,7 @@ class KeyScript:
     reject_stream_options: bool | None = None
     invalid: bool | None = None
     persistent: Behaviour | None = None
+    models_persistent: Behaviour | None = None
     queue: deque[tuple[str, Behaviour]] = field(default_factory=deque)
 
     def enqueue(self, *behaviours: Behaviour, path: str = CHAT_PATH) -> KeyScript:
@@ -428,6 +481,7 @@ class _Effective:
     reject_stream_options: bool
     invalid: bool
     persistent: Behaviour | None
+    models_persistent: Behaviour | None
 
 
 class ManualClock:
@@ -586,6 +640,7 @@ class FakeOpenAI(ServerLifecycle):
         reject_stream_options: bool | None = None,
         invalid: bool | None = None,
         persistent: Behaviour | None = None,
+        models_persistent: Behaviour | None = None,
     ) -> KeyScript:
         """Return the (created on demand) script of ``key``, setting every non-None argument.
 
@@ -603,6 +658,7 @@ class FakeOpenAI(ServerLifecycle):
                 "reject_stream_options": reject_stream_options,
                 "invalid": invalid,
                 "persistent": persistent,
+                "models_persistent": models_persistent,
             }
             for name, value in updates.items():
                 if value is not None:
@@ -733,6 +789,7 @@ class FakeOpenAI(ServerLifecycle):
                 reject_stream_options=bool(pick("reject_stream_options")),
                 invalid=bool(pick("invalid")),
                 persistent=pick("persistent"),
+                models_persistent=pick("models_persistent"),
             )
 
     def _log(self, request: web.Request, key: str | None, body: JSON) -> RequestRecord:
@@ -777,6 +834,8 @@ class FakeOpenAI(ServerLifecycle):
                 behaviour = self.default._pop(path)
         if behaviour is None and path == CHAT_PATH:
             behaviour = effective.persistent
+        if behaviour is None and path == MODELS_PATH:
+            behaviour = effective.models_persistent
         return behaviour
 
     def _check_rpm(self, key: str, limit: int | None) -> ErrorResponse | None:
@@ -805,6 +864,12 @@ class FakeOpenAI(ServerLifecycle):
     def _error(self, err: ErrorResponse) -> web.Response:
         headers = {"x-request-id": self._request_id(), **err.headers}
         return web.json_response(err.body, status=err.status, headers=headers)
+
+    @staticmethod
+    def _raw(raw: RawResponse) -> web.Response:
+        return web.Response(
+            status=raw.status, text=raw.text, content_type=raw.content_type, headers=raw.headers
+        )
 
     def _auth(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")
@@ -875,6 +940,10 @@ class FakeOpenAI(ServerLifecycle):
                 await self._hold(behaviour, request)
             if isinstance(behaviour, ErrorResponse):
                 return self._error(behaviour)
+            if isinstance(behaviour, RawResponse):
+                return self._raw(behaviour)
+            if isinstance(behaviour, StreamError):
+                return self._error(ErrorResponse(500, behaviour.payload))
             if isinstance(behaviour, ResetAfter):
                 self._abort(request)
                 raise _Aborted
@@ -936,6 +1005,10 @@ class FakeOpenAI(ServerLifecycle):
                 await self._hold(behaviour, request)
             if isinstance(behaviour, ErrorResponse):
                 return self._error(behaviour)
+            if isinstance(behaviour, RawResponse):
+                return self._raw(behaviour)
+            if isinstance(behaviour, StreamError) and not record.stream:
+                return self._error(ErrorResponse(500, behaviour.payload))
             if effective.reject_stream_options and "stream_options" in body:
                 return self._error(
                     ErrorResponse(400, copy.deepcopy(STREAM_OPTIONS_UNSUPPORTED_ERROR))
@@ -1007,6 +1080,7 @@ class FakeOpenAI(ServerLifecycle):
 
         include_usage = bool((record.stream_options or {}).get("include_usage"))
         reset_after = behaviour.chunks if isinstance(behaviour, ResetAfter) else None
+        stream_error = behaviour if isinstance(behaviour, StreamError) else None
 
         def chunk(delta: JSON, finish: str | None) -> bytes:
             obj: JSON = {
@@ -1034,10 +1108,16 @@ class FakeOpenAI(ServerLifecycle):
         try:
             await response.prepare(request)
             await self._sleep(first_delay, request)
+            if stream_error is not None and stream_error.after_chunks == 0:
+                await self._send_stream_error(response, stream_error)
+                return response
             await response.write(chunk({"role": "assistant", "content": "", "refusal": None}, None))
             for sent, piece in enumerate(chunks):
                 if reset_after is not None and sent >= reset_after:
                     self._abort(request)
+                    return response
+                if stream_error is not None and sent >= stream_error.after_chunks:
+                    await self._send_stream_error(response, stream_error)
                     return response
                 if sent > 0:
                     await self._sleep(chunk_delay, request)
@@ -1049,6 +1129,9 @@ class FakeOpenAI(ServerLifecycle):
                 await self._hold(gate, request)
             if reset_after is not None:
                 self._abort(request)
+                return response
+            if stream_error is not None:  # the reply has fewer chunks: fail before the finish
+                await self._send_stream_error(response, stream_error)
                 return response
             await response.write(chunk({}, finish_reason))
             if include_usage:
@@ -1068,9 +1151,15 @@ class FakeOpenAI(ServerLifecycle):
             pass
         return response
 
+    @staticmethod
+    async def _send_stream_error(response: web.StreamResponse, error: StreamError) -> None:
+        await response.write(_sse(error.payload, event=error.event))
+        await response.write_eof()
 
-def _sse(obj: JSON) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+def _sse(obj: JSON, *, event: str | None = None) -> bytes:
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
 def _model_object(model: str) -> JSON:
