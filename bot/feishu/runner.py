@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from bot import signals
 from bot.app import build_core
 from bot.config import Settings
-from bot.errors import FeishuConnectError
+from bot.errors import FeishuConnectError, StoreError
 from bot.feishu.gateway import FeishuGateway
 from bot.llm.keypool import KeyPool
 from bot.llm.validation import KeyCheck
@@ -89,11 +89,16 @@ async def _housekeeping(
     """Now and then: drop expired dedup marks, turns older than the retention period, and
     journaled events that were never accepted."""
     while True:
-        removed = await store.purge_expired()
-        pruned = await store.prune_turns(clock() - retention_days * DAY_S) if retention_days else 0
-        # Journaled events not accepted by now were turned away (or are too old to answer).
-        forgotten = await store.forget_arrivals(before=clock() - ARRIVALS_KEPT_S)
-        log.debug("housekeeping_done", dedup_marks=removed, turns=pruned, arrivals=forgotten)
+        try:
+            removed = await store.purge_expired()
+            pruned = (
+                await store.prune_turns(clock() - retention_days * DAY_S) if retention_days else 0
+            )
+            # Journaled events not accepted by now were turned away (or are too old to answer).
+            forgotten = await store.forget_arrivals(before=clock() - ARRIVALS_KEPT_S)
+            log.debug("housekeeping_done", dedup_marks=removed, turns=pruned, arrivals=forgotten)
+        except StoreError as exc:  # a busy or full disk now and then must not stop the bot
+            log.error("housekeeping_failed", error=str(exc))
         await asyncio.sleep(every_s)
 
 
@@ -112,8 +117,11 @@ async def keep_keys_checked(
         return (await check(secret)).verdict == "valid"
 
     while True:
-        revived = await pool.recheck(works)
-        log.info("keys_rechecked", revived=revived)
+        try:
+            revived = await pool.recheck(works)
+            log.info("keys_rechecked", revived=revived)
+        except StoreError as exc:  # try again at the next round
+            log.error("keys_recheck_failed", error=str(exc))
         if every_minutes <= 0:
             return
         await sleep(every_minutes * 60 * jitter())
