@@ -2,6 +2,7 @@
 
 Every test runs the CLI in a subprocess against a store in its own temp directory, validating
 keys against the fake OpenAI server, and checks that no full key ever reaches the output.
+Slow suite (`make test-all`): each test starts Python processes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from bot.logging import mask_key
 from bot.store import InstanceLock
 from tests.fakes.openai_server import FakeOpenAI, FakeOpenAIThread, insufficient_quota
 from tests.helpers import BOT_COMMAND, bot_environment, run_bot, write_settings
+
+pytestmark = pytest.mark.slow
 
 CONFIG_KEY = "sk-cli-config-aaaaaaaaaaaaaaaa1111"
 ENV_KEY = "sk-cli-env-bbbbbbbbbbbbbbbbbbbb2222"
