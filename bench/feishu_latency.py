@@ -29,6 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import percentile
 from tests.e2e_harness import BotProcess, World, make_world
 from tests.fakes.feishu_server import FakeCard
 
@@ -72,17 +73,6 @@ class Sample:
 
 
 # ---- statistics and formatting --------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of ``values``."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def summary(values: Sequence[float]) -> tuple[float, float, float]:

@@ -38,6 +38,7 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import percentile
 from bot.config import KeyEntry, LLMSettings
 from bot.errors import LLMError
 from bot.llm.client import LLMClient
@@ -309,17 +310,6 @@ async def run(pool_name: str, demand: float) -> RunResult:
 
 
 # ---- report ---------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of ``values``."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def print_header() -> None:
