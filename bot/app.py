@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.chat.access import AccessControl
 from bot.chat.key_commands import KeyCommands
 from bot.chat.service import ConversationService
 from bot.config import Settings
@@ -61,6 +62,14 @@ async def build_core(settings: Settings, redactor: Redactor, *, cwd: Path | None
     check = functools.partial(check_key, settings.llm)
     keys = KeyCommands(pool, check, settings)
     service = ConversationService(
-        store, llm, settings.chat, model=settings.llm.model, keys=keys, secrets=settings.secrets()
+        store,
+        llm,
+        settings.chat,
+        model=settings.llm.model,
+        models=settings.llm.models,
+        keys=keys,
+        secrets=settings.secrets(),
+        access=AccessControl(settings.access, store),
+        donations=settings.keys.accept_donations,
     )
     return Core(store=store, pool=pool, llm=llm, service=service, check_key=check)

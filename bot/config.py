@@ -138,6 +138,7 @@ class LLMSettings(_Section):
 
     base_url: str = "https://api.openai.com/v1"
     model: str = Field(default="gpt-4o-mini", min_length=1)
+    models: list[str] = Field(default_factory=list)
     keys: list[KeyEntry] = Field(default_factory=list)
     request_timeout_s: float = Field(default=60, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=20)
@@ -145,15 +146,32 @@ class LLMSettings(_Section):
 
     _base_url_is_url = field_validator("base_url")(_check_http_url)
 
+    @field_validator("models")
+    @classmethod
+    def _models_named(cls, value: list[str]) -> list[str]:
+        names = [name.strip() for name in value]
+        if any(not name for name in names):
+            raise ValueError("a model name must not be empty")
+        return list(dict.fromkeys(names))
+
+    def choosable_models(self) -> list[str]:
+        """The models a user may pick with ``/model``: ``model`` first, then ``models``."""
+        return list(dict.fromkeys([self.model, *self.models]))
+
+
+#: persona names that are words of ``/role`` itself
+RESERVED_PERSONA_NAMES = frozenset({"default", "custom", "默认", "自定义"})
+_PERSONA_NAME = re.compile(r"[\w-]{1,32}")
+
 
 class PersonaSettings(_Section):
     """A named persona: its own system prompt, few-shot examples and optional overrides."""
 
     description: str = ""
-    system: str
+    system: str = Field(min_length=1)
     examples: list[tuple[str, str]] = Field(default_factory=list)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    model: str | None = None
+    model: str | None = Field(default=None, min_length=1)
 
 
 class ChatSettings(_Section):
@@ -162,12 +180,33 @@ class ChatSettings(_Section):
     system_prompt: str = "You are a helpful assistant."
     max_history_tokens: int = Field(default=6000, ge=100)
     idle_reset_minutes: int = Field(default=720, ge=0)
-    personas: dict[str, PersonaSettings] = Field(default_factory=dict)
+    max_input_chars: int = Field(default=8000, ge=1)
+    personas: dict[str, PersonaSettings | None] = Field(default_factory=dict)
+    group_personas: dict[str, str] = Field(default_factory=dict)
     group_requires_mention: bool = True
     merge_burst_ms: int = Field(default=0, ge=0, le=10_000)
     stream_update_ms: int = Field(default=300, ge=50, le=10_000)
     resume_within_minutes: float = Field(default=10, ge=0)
     history_retention_days: float = Field(default=90, ge=0)
+
+    @field_validator("personas")
+    @classmethod
+    def _persona_names(
+        cls, value: dict[str, PersonaSettings | None]
+    ) -> dict[str, PersonaSettings | None]:
+        seen: set[str] = set()
+        for name in value:
+            if not _PERSONA_NAME.fullmatch(name):
+                raise ValueError(
+                    f"persona name {name!r} must be one word of letters, digits, '-' or '_' "
+                    "(at most 32), so that it can be typed after /role"
+                )
+            if name.lower() in RESERVED_PERSONA_NAMES:
+                raise ValueError(f"persona name {name!r} is reserved for /role {name.lower()}")
+            if name.lower() in seen:
+                raise ValueError(f"persona name {name!r} is given twice (names ignore case)")
+            seen.add(name.lower())
+        return value
 
 
 class AccessSettings(_Section):
@@ -176,6 +215,15 @@ class AccessSettings(_Section):
     admins: list[str] = Field(default_factory=list)
     allow: list[str] = Field(default_factory=list)
     daily_requests_per_user: int = Field(default=0, ge=0)
+    daily_tokens_per_user: int = Field(default=0, ge=0)
+
+    @field_validator("admins", "allow")
+    @classmethod
+    def _ids_stripped(cls, value: list[str]) -> list[str]:
+        ids = [each.strip() for each in value]
+        if any(not each for each in ids):
+            raise ValueError("an id must not be empty")
+        return ids
 
 
 class KeysSettings(_Section):
@@ -234,6 +282,19 @@ class Settings(_Section):
     keys: KeysSettings = Field(default_factory=KeysSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _group_personas_exist(self) -> Settings:
+        from bot.chat.personas import persona_names  # the built-ins live with the personas
+
+        known = persona_names(self.chat)
+        for chat_id, name in self.chat.group_personas.items():
+            if name.lower() not in known and name.lower() != "default":
+                choices = ", ".join(sorted(known)) or "none"
+                raise ValueError(
+                    f"chat.group_personas.{chat_id}: unknown persona {name!r} (known: {choices})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _some_key_or_donations(self) -> Settings:

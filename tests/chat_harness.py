@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.chat.access import AccessControl
 from bot.chat.key_commands import KeyCommands
 from bot.chat.replies import Reply, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
 from bot.chat.service import ConversationService, IncomingMessage
@@ -108,8 +109,11 @@ class ChatHarness:
             settings.chat,
             clock=time,
             model=settings.llm.model,
+            models=settings.llm.models,
             keys=self.keys,
             secrets=settings.secrets(),
+            access=AccessControl(settings.access, self.store, clock=time),
+            donations=settings.keys.accept_donations,
         )
         self._count = 0
 
@@ -123,15 +127,30 @@ class ChatHarness:
         await self.store.close()
 
     def message(
-        self, text: str, *, conversation: str = "c1", user: str = "u1", in_group: bool = False
+        self,
+        text: str,
+        *,
+        conversation: str = "c1",
+        user: str = "u1",
+        in_group: bool = False,
+        **details: Any,
     ) -> IncomingMessage:
+        """A message; ``details`` are further :class:`IncomingMessage` fields (``chat_id`` …)."""
         self._count += 1
-        return IncomingMessage(conversation, user, text, f"om_{self._count}", in_group)
+        return IncomingMessage(conversation, user, text, f"om_{self._count}", in_group, **details)
 
     async def ask(
-        self, text: str, *, conversation: str = "c1", user: str = "u1", in_group: bool = False
+        self,
+        text: str,
+        *,
+        conversation: str = "c1",
+        user: str = "u1",
+        in_group: bool = False,
+        **details: Any,
     ) -> Answer:
-        message = self.message(text, conversation=conversation, user=user, in_group=in_group)
+        message = self.message(
+            text, conversation=conversation, user=user, in_group=in_group, **details
+        )
         return await collect(self.service.handle(message))
 
     def key_state(self, key: str) -> str:

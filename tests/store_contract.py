@@ -11,7 +11,15 @@ import asyncio
 import pytest
 
 from bot.errors import StoreError
-from bot.store import InboxEntry, Store, StoredKey, Turn, TurnStatus, UsageRecord
+from bot.store import (
+    InboxEntry,
+    SentMessage,
+    Store,
+    StoredKey,
+    Turn,
+    TurnStatus,
+    UsageRecord,
+)
 
 
 class FakeClock:
@@ -334,3 +342,179 @@ class StoreContract:
         assert store.record_arrival("om_1", "{}", 10.0, timeout_s=5)
         assert store.record_arrival("om_1", "{}", 12.0, timeout_s=5)
         assert len(await store.arrivals()) == 1
+
+    # ---- preferences ---------------------------------------------------------------------
+
+    async def test_a_preference_is_set_replaced_and_deleted(self, store: Store) -> None:
+        assert await store.get_preference("persona", "oc_chat_1") is None
+        await store.set_preference("persona", "oc_chat_1", "You are a pirate.")
+        assert await store.get_preference("persona", "oc_chat_1") == "You are a pirate."
+        await store.set_preference("persona", "oc_chat_1", "You are a poet.")
+        assert await store.get_preference("persona", "oc_chat_1") == "You are a poet."
+        await store.set_preference("persona", "oc_chat_1", None)
+        assert await store.get_preference("persona", "oc_chat_1") is None
+        await store.set_preference("persona", "oc_never_set", None)  # deleting nothing is fine
+        assert await store.preferences("persona") == {}
+
+    async def test_preferences_are_listed_per_scope_and_scopes_are_independent(
+        self, store: Store
+    ) -> None:
+        await store.set_preference("persona", "oc_chat_1", "You are a pirate.")
+        await store.set_preference("persona", "oc_chat_2", "Answer in French.")
+        await store.set_preference("model", "ou_1", "gpt-4o")
+        await store.set_preference("model", "oc_chat_1", "gpt-4o-mini")  # same subject, other scope
+
+        assert await store.preferences("persona") == {
+            "oc_chat_1": "You are a pirate.",
+            "oc_chat_2": "Answer in French.",
+        }
+        assert await store.preferences("model") == {"ou_1": "gpt-4o", "oc_chat_1": "gpt-4o-mini"}
+        assert await store.preferences("nothing here") == {}
+
+        await store.set_preference("model", "oc_chat_1", None)
+        assert await store.get_preference("persona", "oc_chat_1") == "You are a pirate."
+        assert await store.get_preference("model", "oc_chat_1") is None
+        assert await store.get_preference("model", "ou_1") == "gpt-4o"
+
+    # ---- the bot's sent messages ---------------------------------------------------------
+
+    async def test_the_messages_an_answer_was_sent_as_are_found_by_id(self, store: Store) -> None:
+        await store.accept_message(InboxEntry("om_q", "c1", "{}", received_at=1), 3600)
+        answer = [turn("c1", "user", "question", 2), turn("c1", "assistant", "part 1 part 2", 3)]
+        sent = [
+            SentMessage("om_bot_1", "c1", "part 1", created_at=3),
+            SentMessage("om_bot_2", "c1", "part 2", created_at=3),
+        ]
+
+        await store.complete_message(["om_q"], answer, None, sent)
+
+        assert await store.find_sent("om_bot_1") == sent[0]
+        assert await store.find_sent("om_bot_2") == sent[1]
+        assert await store.load_turns("c1") == answer
+        assert await store.inbox_list() == []
+
+        # Recorded again under the same id (an edited card): the newer text replaces the older.
+        edited = SentMessage("om_bot_2", "c1", "part 2, corrected", created_at=4)
+        await store.complete_message([], [], None, sent=[edited])
+        assert await store.find_sent("om_bot_2") == edited
+
+    async def test_find_sent_of_an_unknown_message_is_none(self, store: Store) -> None:
+        assert await store.find_sent("om_never_sent") is None
+        await store.complete_message([], [turn("c1", "user", "no answer sent yet", 1)], None)
+        assert await store.find_sent("om_never_sent") is None
+
+    async def test_complete_message_with_sent_messages_writes_nothing_when_it_fails(
+        self, store: Store
+    ) -> None:
+        await store.accept_message(InboxEntry("om_1", "c1", "{}", received_at=1), 3600)
+        broken = [
+            turn("c1", "user", "question", 2),
+            turn("c1", "robot", "not a role any store accepts", 3),
+        ]
+        usage = UsageRecord("2026-11-25", "ou_1", "k1", prompt_tokens=30, completion_tokens=8)
+        sent = [SentMessage("om_bot_1", "c1", "the answer", created_at=3)]
+
+        with pytest.raises(StoreError):
+            await store.complete_message(["om_1"], broken, usage, sent)
+
+        assert await store.find_sent("om_bot_1") is None
+        assert await store.load_turns("c1") == []
+        assert await store.usage_for_day("2026-11-25") == []
+        assert [e.message_id for e in await store.inbox_list()] == ["om_1"]
+
+        # A sent message no store accepts (it has no text) undoes the valid turns too.
+        textless = SentMessage("om_bot_2", "c1", None, created_at=3)  # type: ignore[arg-type]
+        with pytest.raises(StoreError):
+            await store.complete_message(["om_1"], broken[:1], usage, [*sent, textless])
+
+        assert await store.find_sent("om_bot_1") is None
+        assert await store.load_turns("c1") == []
+        assert await store.usage_for_day("2026-11-25") == []
+        assert [e.message_id for e in await store.inbox_list()] == ["om_1"]
+
+        await store.complete_message(["om_1"], broken[:1], usage, sent)
+        assert await store.find_sent("om_bot_1") == sent[0]
+        assert await store.inbox_list() == []
+
+    async def test_prune_turns_also_drops_older_sent_messages_but_counts_only_turns(
+        self, store: Store
+    ) -> None:
+        await store.complete_message(
+            [],
+            [turn("c1", "user", "old question", 100), turn("c1", "assistant", "old answer", 101)],
+            None,
+            [
+                SentMessage("om_old", "c1", "old answer", created_at=101),
+                SentMessage("om_older", "c2", "answer of another chat", created_at=50),
+            ],
+        )
+        await store.complete_message(
+            [],
+            [turn("c1", "assistant", "new answer", 300)],
+            None,
+            [
+                SentMessage("om_at_limit", "c1", "exactly at the limit", created_at=200),
+                SentMessage("om_new", "c1", "new answer", created_at=300),
+            ],
+        )
+
+        assert await store.prune_turns(older_than=200) == 2
+
+        assert await store.find_sent("om_old") is None
+        assert await store.find_sent("om_older") is None
+        assert await store.find_sent("om_at_limit") is not None
+        assert await store.find_sent("om_new") is not None
+        assert [t.content for t in await store.load_turns("c1")] == ["new answer"]
+
+    async def test_clearing_a_conversation_keeps_its_sent_messages(self, store: Store) -> None:
+        sent = SentMessage("om_bot_1", "c1", "an answer worth quoting", created_at=2)
+        await store.complete_message(
+            [], [turn("c1", "assistant", "an answer worth quoting", 2)], None, [sent]
+        )
+
+        assert await store.clear_conversation("c1") == 1
+
+        assert await store.load_turns("c1") == []
+        assert await store.find_sent("om_bot_1") == sent  # a user may still quote it
+
+    # ---- usage over a range of days ------------------------------------------------------
+
+    async def test_usage_between_includes_both_bounds_across_a_month_boundary(
+        self, store: Store
+    ) -> None:
+        for day in ("2026-10-29", "2026-11-02", "2026-10-31", "2026-11-01", "2026-11-03"):
+            await store.add_usage(day, "ou_1", "k1", 10, 1)
+
+        rows = await store.usage_between("2026-10-30", "2026-11-02")
+
+        assert [r.day for r in rows] == ["2026-10-31", "2026-11-01", "2026-11-02"]
+        assert [r.day for r in await store.usage_between("2026-11-01", "2026-11-01")] == [
+            "2026-11-01"
+        ]
+        assert await store.usage_between("2026-12-01", "2026-12-31") == []
+
+    async def test_usage_between_filters_by_user_and_orders_by_day_user_and_key(
+        self, store: Store
+    ) -> None:
+        await store.add_usage("2026-11-02", "ou_2", "k1", 1, 1)
+        await store.add_usage("2026-11-01", "ou_2", "k2", 2, 2)
+        await store.add_usage("2026-11-01", "ou_1", "k2", 3, 3)
+        await store.add_usage("2026-11-01", "ou_1", "k1", 4, 4)
+        await store.add_usage("2026-11-01", "ou_1", "k1", 5, 5)
+        await store.add_usage("2026-10-31", "ou_1", "k1", 6, 6)
+
+        rows = await store.usage_between("2026-11-01", "2026-11-30")
+        assert [(r.day, r.user_id, r.key_id, r.requests, r.prompt_tokens) for r in rows] == [
+            ("2026-11-01", "ou_1", "k1", 2, 9),
+            ("2026-11-01", "ou_1", "k2", 1, 3),
+            ("2026-11-01", "ou_2", "k2", 1, 2),
+            ("2026-11-02", "ou_2", "k1", 1, 1),
+        ]
+
+        mine = await store.usage_between("2026-10-01", "2026-11-30", user_id="ou_1")
+        assert [(r.day, r.key_id) for r in mine] == [
+            ("2026-10-31", "k1"),
+            ("2026-11-01", "k1"),
+            ("2026-11-01", "k2"),
+        ]
+        assert await store.usage_between("2026-10-01", "2026-11-30", user_id="ou_9") == []

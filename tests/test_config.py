@@ -324,3 +324,47 @@ def test_every_subcommand_has_complete_help(command: str, tmp_path: Path) -> Non
     for option in ("--config", "--log-level", "--json-logs"):
         assert option in result.stdout
     assert "FEISHU_APP_SECRET" in result.stdout
+
+
+# ---- personas, models and access ------------------------------------------------------------
+
+
+def test_persona_settings_name_their_problems() -> None:
+    assert problems_of({"chat": {"personas": {"default": {"system": "x"}}}}) == [
+        "chat.personas: persona name 'default' is reserved for /role default"
+    ]
+    assert problems_of({"chat": {"personas": {"two words": {"system": "x"}}}})[0].startswith(
+        "chat.personas: persona name 'two words' must be one word"
+    )
+    assert problems_of({"chat": {"personas": {"poet": {"description": "no prompt"}}}}) == [
+        "chat.personas.poet.system: field required"
+    ]
+    assert problems_of(
+        {"chat": {"personas": {"poet": {"system": "x", "examples": [["only a question"]]}}}}
+    )[0].startswith("chat.personas.poet.examples[0]")
+    assert problems_of({"chat": {"personas": {"Poet": {"system": "x"}, "poet": None}}}) == [
+        "chat.personas: persona name 'poet' is given twice (names ignore case)"
+    ]
+
+
+def test_group_personas_must_name_a_persona_in_effect() -> None:
+    assert parse_settings({"chat": {"group_personas": {"oc_1": "Teacher"}}})
+    assert parse_settings({"chat": {"group_personas": {"oc_1": "default"}}})
+    problems = problems_of(
+        {"chat": {"personas": {"teacher": None}, "group_personas": {"oc_1": "teacher"}}}
+    )
+    assert len(problems) == 1
+    assert problems[0].startswith("chat.group_personas.oc_1: unknown persona 'teacher' (known: ")
+
+
+def test_models_and_access_lists_are_cleaned_and_checked() -> None:
+    settings = parse_settings({"llm": {"model": "a", "models": [" b ", "a", "b"]}})
+    assert settings.llm.choosable_models() == ["a", "b"]
+    assert problems_of({"llm": {"models": [""]}}) == ["llm.models: a model name must not be empty"]
+    assert problems_of({"access": {"allow": ["ou_1", " "]}}) == [
+        "access.allow: an id must not be empty"
+    ]
+    assert problems_of({"access": {"daily_tokens_per_user": -1}})[0].startswith(
+        "access.daily_tokens_per_user:"
+    )
+    assert problems_of({"chat": {"max_input_chars": 0}})[0].startswith("chat.max_input_chars:")

@@ -125,7 +125,7 @@ async def test_help_and_unknown_commands_answer_without_the_llm(
 ) -> None:
     assert "/reset" in (await bot.ask("/help")).text
     unknown = await bot.ask("/frobnicate now")
-    assert unknown.text.startswith("I don't know the command /frobnicate.")
+    assert unknown.text.startswith("Unknown command: /frobnicate.")
     assert fake.requests == []
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import lark_oapi as lark
 import pytest
@@ -22,7 +24,14 @@ from lark_oapi.api.cardkit.v1 import (
     CreateCardRequest,
     CreateCardRequestBody,
 )
-from lark_oapi.api.im.v1 import CreateMessageRequest, CreateMessageRequestBody
+from lark_oapi.api.im.v1 import (
+    CreateMessageRequest,
+    CreateMessageRequestBody,
+    GetMessageRequest,
+    P2ImChatAccessEventBotP2pChatEnteredV1,
+    P2ImChatMemberBotAddedV1,
+)
+from lark_oapi.core.json import JSON
 
 from tests.fakes.feishu_server import (
     BOT_NAME,
@@ -31,7 +40,9 @@ from tests.fakes.feishu_server import (
     SAMPLE_SENDER_OPEN_ID,
     FakeFeishu,
     FakeFeishuThread,
+    build_bot_added_event,
     build_message_event,
+    build_p2p_chat_entered_event,
 )
 from tests.fakes.ws_probe import ProbeProcess
 
@@ -195,6 +206,49 @@ def test_group_mentions_and_thread_replies_as_the_channel_reports_them(
     # Without a bot mention, the default policy (require_mention) drops group messages.
     silent = server.deliver("group_text_mention", mention_bot=False, text="no mention")
     channel.expect("reject", message_id=fs.delivery(silent).message_id, reason="policy_no_mention")
+
+
+def test_chat_events_travel_the_long_connection_and_parse_in_the_sdk_dispatcher(
+    server: FakeFeishuThread, channel: ProbeProcess
+) -> None:
+    fs = server.fake
+    known_messages = set(fs.messages)
+    added_frame = server.deliver(
+        "bot_added", chat_id="oc_3f1b0e6a9c2d47e58b7a6c5d4e3f2a1b", chat_name="Release crew"
+    )
+    entered_frame = server.deliver(
+        fs.build_p2p_chat_entered(operator_open_id="ou_0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f")
+    )
+    # FeishuChannel registers a processor for bot.added (ACK 200) but none for
+    # bot_p2p_chat_entered in lark-oapi 1.7.5 (the SDK answers 500 "processor not found").
+    assert fs.wait_for_ack_blocking(added_frame).code == 200
+    assert fs.wait_for_ack_blocking(entered_frame).code == 500
+    assert fs.delivery(added_frame).message_id is None
+    assert set(fs.messages) == known_messages  # chat events never enter the IM model
+
+    # The bytes that went over the wire, through the SDK's own dispatcher (what ws/client.py
+    # calls for every data frame) with both processors registered.
+    seen: list[Any] = []
+    dispatcher = (
+        lark.EventDispatcherHandler.builder("", "")
+        .register_p2_im_chat_member_bot_added_v1(seen.append)
+        .register_p2_im_chat_access_event_bot_p2p_chat_entered_v1(seen.append)
+        .build()
+    )
+    for frame_id in (added_frame, entered_frame):
+        dispatcher._do_without_validation(fs.delivery(frame_id).payload)
+    added, entered = seen
+    assert isinstance(added, P2ImChatMemberBotAddedV1)
+    assert added.header.event_type == "im.chat.member.bot.added_v1"
+    assert added.header.app_id == fs.app_id
+    assert (added.event.chat_id, added.event.name) == (
+        "oc_3f1b0e6a9c2d47e58b7a6c5d4e3f2a1b",
+        "Release crew",
+    )
+    assert added.event.operator_id.open_id == SAMPLE_SENDER_OPEN_ID
+    assert isinstance(entered, P2ImChatAccessEventBotP2pChatEnteredV1)
+    assert entered.event.operator_id.open_id == "ou_0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"
+    assert entered.event.chat_id.startswith("oc_")
 
 
 def test_post_message_is_flattened_to_content_text(
@@ -647,6 +701,184 @@ async def test_cardkit_rejects_a_sequence_that_does_not_increase() -> None:
         assert (await asyncio.to_thread(update, "c", 2)).code == 0
         assert fs.card(card_id).sequences == [1, 2]
         assert fs.card_text(card_id) == "c"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading messages back: GET /im/v1/messages/:message_id through the SDK
+# --------------------------------------------------------------------------------------------
+
+
+def _get_message(message_id: str, card_content_type: str | None = None) -> GetMessageRequest:
+    builder = GetMessageRequest.builder().message_id(message_id)
+    if card_content_type is not None:
+        builder = builder.card_msg_content_type(card_content_type)
+    return builder.build()
+
+
+async def test_get_message_returns_added_and_delivered_messages_as_feishu_does() -> None:
+    # The fake runs in its own thread: the SDK's ``aget`` fetches its token with blocking I/O.
+    with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}").run_in_thread() as server:
+        fs = server.fake
+        client = _sdk_client(fs)
+        chat = "oc_5ce6d572455d361153b7cb51da133945"
+        quoted_id = fs.add_message(text="明天下午三点开会", chat_id=chat)
+
+        got = await client.im.v1.message.aget(_get_message(quoted_id))
+        assert got.code == 0
+        (item,) = got.data.items
+        assert (item.message_id, item.chat_id, item.msg_type) == (quoted_id, chat, "text")
+        assert json.loads(item.body.content) == {"text": "明天下午三点开会"}
+        assert (item.sender.id, item.sender.id_type, item.sender.sender_type) == (
+            SAMPLE_SENDER_OPEN_ID,
+            "open_id",
+            "user",
+        )
+        assert item.deleted is False
+
+        # A delivered event is readable too (no client is connected: it stays pending), with
+        # its mentions in the API shape.
+        frame_id = server.deliver("group_text_mention", parent_id=quoted_id)
+        mention_id = fs.delivery(frame_id).message_id
+        assert mention_id is not None
+        mention = (await client.im.v1.message.aget(_get_message(mention_id))).data.items[0]
+        assert mention.parent_id == quoted_id
+        assert [(m.key, m.id, m.id_type, m.name) for m in mention.mentions] == [
+            ("@_user_1", BOT_OPEN_ID, "open_id", BOT_NAME)
+        ]
+
+        bot_reply = fs.add_message(text="好的", chat_id=chat, sender_type="app", root_id=quoted_id)
+        sender = (await client.im.v1.message.aget(_get_message(bot_reply))).data.items[0].sender
+        assert (sender.id, sender.id_type, sender.sender_type) == (fs.app_id, "app_id", "app")
+
+        missing = await client.im.v1.message.aget(
+            _get_message("om_dc13264520392913993dd051dba21dcf")
+        )
+        assert (missing.code, missing.msg) == (230011, "The message was withdrawn.")
+        assert missing.raw.status_code == 400
+
+
+async def test_get_message_flattens_a_bot_card_to_its_visible_text() -> None:
+    with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}").run_in_thread() as server:
+        fs = server.fake
+        client = _sdk_client(fs)
+        spec = {
+            "schema": "2.0",
+            "config": {"streaming_mode": True},
+            "header": {"title": {"tag": "plain_text", "content": "GPT Bot"}},
+            "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "..."}]},
+        }
+        created = await client.cardkit.v1.card.acreate(
+            CreateCardRequest.builder()
+            .request_body(
+                CreateCardRequestBody.builder().type("card_json").data(json.dumps(spec)).build()
+            )
+            .build()
+        )
+        card_id = created.data.card_id
+        streamed = await client.cardkit.v1.card_element.acontent(
+            ContentCardElementRequest.builder()
+            .card_id(card_id)
+            .element_id("md")
+            .request_body(
+                ContentCardElementRequestBody.builder()
+                .content("Paris is the capital of France.")
+                .sequence(1)
+                .build()
+            )
+            .build()
+        )
+        assert streamed.code == 0
+        body = (
+            CreateMessageRequestBody.builder()
+            .receive_id("oc_a0553eda9014c201e6969b478895c230")
+            .msg_type("interactive")
+            .content(json.dumps({"type": "card", "data": {"card_id": card_id}}))
+            .build()
+        )
+        sent = await client.im.v1.message.acreate(
+            CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build()
+        )
+        message_id = sent.data.message_id
+
+        item = (await client.im.v1.message.aget(_get_message(message_id))).data.items[0]
+        assert item.msg_type == "interactive"
+        assert (item.sender.id_type, item.sender.sender_type) == ("app_id", "app")
+        assert json.loads(item.body.content) == {
+            "title": "GPT Bot",
+            "elements": [[{"tag": "text", "text": "Paris is the capital of France."}]],
+        }
+
+        as_sent = await client.im.v1.message.aget(_get_message(message_id, "user_card_content"))
+        card_json = json.loads(as_sent.data.items[0].body.content)
+        assert card_json["schema"] == "2.0"
+        assert card_json["body"]["elements"][0]["content"] == "Paris is the capital of France."
+
+        # Real Feishu hides a CardKit card's text behind an "upgrade your client" stub unless
+        # the request asks for user_card_content.
+        fs.degrade_v2_cards = True
+        stub = (await client.im.v1.message.aget(_get_message(message_id))).data.items[0]
+        flattened = json.loads(stub.body.content)
+        assert "Paris" not in stub.body.content
+        assert flattened["elements"][0][1] == {
+            "tag": "text",
+            "text": "请升级至最新版本客户端，以查看内容",
+        }
+
+
+def test_add_message_wants_exactly_one_of_text_and_content() -> None:
+    fs = FakeFeishu()
+    with pytest.raises(ValueError, match="exactly one"):
+        fs.add_message(chat_id="oc_x")
+    with pytest.raises(ValueError, match="exactly one"):
+        fs.add_message(text="a", content='{"text": "a"}', chat_id="oc_x")
+    with pytest.raises(ValueError, match="text message"):
+        fs.add_message(text="a", msg_type="post", chat_id="oc_x")
+    post = json.dumps({"zh_cn": {"title": "Plan", "content": [[{"tag": "text", "text": "go"}]]}})
+    post_id = fs.add_message(content=post, msg_type="post", chat_id="oc_x", message_id="om_post")
+    assert post_id == "om_post"
+    assert fs.message_text(post_id) == "Plan\ngo"
+
+
+def test_chat_event_builders_make_fresh_payloads_that_the_sdk_models_parse() -> None:
+    before_ms = int(time.time() * 1000)
+    entered_event = build_p2p_chat_entered_event(
+        chat_id="oc_5ce6d572455d361153b7cb51da133945",
+        operator_open_id="ou_0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f",
+        app_id="cli_a1b2c3d4e5f60718",
+    )
+    entered = JSON.unmarshal(json.dumps(entered_event), P2ImChatAccessEventBotP2pChatEnteredV1)
+    assert entered.schema == "2.0"
+    assert entered.header.event_type == "im.chat.access_event.bot_p2p_chat_entered_v1"
+    assert entered.header.app_id == "cli_a1b2c3d4e5f60718"
+    assert int(entered.header.create_time) >= before_ms
+    assert entered.event.chat_id == "oc_5ce6d572455d361153b7cb51da133945"
+    assert entered.event.operator_id.open_id == "ou_0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"
+    assert entered.event.operator_id.union_id.startswith("on_")
+    assert entered.event.last_message_id.startswith("om_")
+    assert entered.event.last_message_create_time.isdigit()
+
+    added_event = build_bot_added_event(
+        chat_id="oc_3f1b0e6a9c2d47e58b7a6c5d4e3f2a1b", chat_name="Release crew", event_id="ev_1"
+    )
+    added = JSON.unmarshal(json.dumps(added_event), P2ImChatMemberBotAddedV1)
+    assert added.header.event_type == "im.chat.member.bot.added_v1"
+    assert added.header.event_id == "ev_1"
+    assert added.event.chat_id == "oc_3f1b0e6a9c2d47e58b7a6c5d4e3f2a1b"
+    assert added.event.operator_id.open_id == SAMPLE_SENDER_OPEN_ID
+    assert added.event.external is False
+    assert added.event.operator_tenant_key == added.header.tenant_key
+    assert added.event.name == "Release crew"
+    assert (added.event.i18n_names.zh_cn, added.event.i18n_names.en_us) == (
+        "Release crew",
+        "Release crew",
+    )
+
+    again = build_bot_added_event()
+    assert again["header"]["event_id"] != build_bot_added_event()["header"]["event_id"]
+    assert again["event"]["chat_id"].startswith("oc_")
+    assert FakeFeishu(app_id="cli_fake_app_0042").build_bot_added()["header"]["app_id"] == (
+        "cli_fake_app_0042"
+    )
 
 
 def test_event_builder_makes_fresh_current_events_from_the_samples() -> None:

@@ -30,7 +30,11 @@ FUZZ = settings(
 )
 
 RECORDED = {path.stem: json.loads(path.read_text("utf-8")) for path in SAMPLES.glob("*.json")}
-EVENTS = {name: event for name, event in RECORDED.items() if "event" in event}
+EVENTS = {
+    name: event
+    for name, event in RECORDED.items()
+    if isinstance(event.get("event"), dict) and "message" in event["event"]
+}
 
 #: Any text, lone surrogates included, and the edge cases worth always trying.
 texts = st.one_of(

@@ -158,19 +158,6 @@ async def test_donations_can_be_turned_off(
     assert len(listed(bot)) == 1
 
 
-async def test_only_allowed_users_may_donate_when_access_allow_is_set(
-    fake: FakeOpenAI, tmp_path: Path, time: FakeTime
-) -> None:
-    bot = await harness(fake, tmp_path, time, access={"allow": [DONOR]})
-    try:
-        refused = await bot.ask(DONATED, user=OTHER)
-        accepted = await bot.ask(DONATED, user=DONOR)
-    finally:
-        await bot.close()
-    assert "only the bot's users" in refused.text
-    assert "Thank you" in accepted.text
-
-
 async def test_a_sentence_that_merely_contains_a_key_is_refused_not_donated(
     bot: ChatHarness, fake: FakeOpenAI
 ) -> None:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.chat.commands import CommandName, parse_command
-from bot.chat.history import build_prompt
+from bot.chat.history import QUOTE_HEADER, build_prompt, fit_tokens, with_quote
 from bot.chat.tokens import MESSAGE_OVERHEAD, estimate_message_tokens, estimate_tokens
 from bot.store import Turn
 
@@ -82,3 +82,65 @@ def test_commands_and_their_aliases_are_recognised() -> None:
     assert parse_command("hello /reset") is None
     assert parse_command("/usr/bin/env") is None
     assert parse_command("/") is None
+
+
+def test_commands_have_chinese_aliases() -> None:
+    for word, name in [
+        ("/角色 teacher", CommandName.ROLE),
+        ("/模型", CommandName.MODEL),
+        ("/历史", CommandName.HISTORY),
+        ("/用量", CommandName.USAGE),
+        ("/帮助", CommandName.HELP),
+        ("/Persona", CommandName.ROLE),
+    ]:
+        command = parse_command(word)
+        assert command is not None
+        assert command.name is name
+
+
+def test_examples_follow_the_system_prompt_as_turns() -> None:
+    history = [turn("user", "q1"), turn("assistant", "a1")]
+    prompt = build_prompt("sys", history, "q2", 1000, examples=[("eq", "ea")])
+    assert [(m.role, m.content) for m in prompt] == [
+        ("system", "sys"),
+        ("user", "eq"),
+        ("assistant", "ea"),
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+    ]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.text(max_size=80)), max_size=20),
+    st.lists(st.tuples(st.text(max_size=60), st.text(max_size=60)), max_size=4),
+    st.integers(min_value=20, max_value=400),
+)
+def test_history_is_trimmed_before_any_example(
+    turns: list[tuple[str, str]], examples: list[tuple[str, str]], budget: int
+) -> None:
+    history = [turn(role, content) for role, content in turns]
+    prompt = build_prompt("sys", history, "now", budget, examples=examples)
+    assert prompt[0].content == "sys"
+    assert prompt[-1].content == "now"
+    if len(prompt) - 2 > 2 * len(examples):  # some history made it: then every example did
+        assert [m.content for m in prompt[1 : 1 + 2 * len(examples)]] == [
+            part for pair in examples for part in pair
+        ]
+    if estimate_message_tokens("sys") + estimate_message_tokens("now") <= budget:
+        assert sum(estimate_message_tokens(m.content) for m in prompt) <= budget
+
+
+def test_fit_tokens_cuts_at_a_character_with_an_ellipsis() -> None:
+    assert fit_tokens("short", 10) == ("short", False)
+    text, cut = fit_tokens("word " * 100, 10)
+    assert cut
+    assert text.endswith("…")
+    assert estimate_tokens(text) <= 10
+    assert fit_tokens("anything at all", 1) == ("", True)
+
+
+def test_a_quote_is_shown_as_a_quoted_block_before_the_question() -> None:
+    assert with_quote("line one\n\nline three", "why?") == (
+        f"{QUOTE_HEADER}\n> line one\n>\n> line three\n\nwhy?"
+    )

@@ -14,7 +14,7 @@ import pytest
 
 from bot.config import parse_settings
 from bot.errors import ConfigError, StoreError
-from bot.store import InboxEntry, SQLiteStore, create_store
+from bot.store import InboxEntry, SentMessage, SQLiteStore, Usage, create_store
 from bot.store.sqlite import MIGRATIONS
 from tests.store_contract import FakeClock, StoreContract, turn
 
@@ -104,11 +104,52 @@ async def test_a_version_1_database_is_migrated_and_its_rows_read_back(tmp_path:
     await store.close()
 
     with sqlite3.connect(path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         plan = connection.execute(
             "EXPLAIN QUERY PLAN DELETE FROM turns WHERE created_at < 5"
         ).fetchall()
         assert "turns_by_age" in str([tuple(row) for row in plan])
+    connection.close()
+
+
+async def test_a_version_2_database_is_migrated_to_3_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "bot.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(MIGRATIONS[0])
+        connection.executescript(MIGRATIONS[1])
+        connection.execute("PRAGMA user_version = 2")
+        connection.execute(
+            "INSERT INTO turns (conversation_id, role, content, created_at, tokens, status)"
+            " VALUES ('c', 'assistant', 'an answer from version 2', 1.0, 5, 'cut')"
+        )
+        connection.execute(
+            "INSERT INTO usage (day, user_id, key_id, requests, prompt_tokens, completion_tokens)"
+            " VALUES ('2026-11-25', 'ou_1', 'k1', 3, 30, 9)"
+        )
+    connection.close()
+
+    store = SQLiteStore(path)
+    await store.open()
+    assert await store.load_turns("c") == [
+        turn("c", "assistant", "an answer from version 2", 1.0, tokens=5, status="cut")
+    ]
+    assert await store.usage_between("2026-11-01", "2026-11-30") == [
+        Usage("2026-11-25", "ou_1", "k1", requests=3, prompt_tokens=30, completion_tokens=9)
+    ]
+    # The new tables are there and usable.
+    await store.set_preference("persona", "c", "You are terse.")
+    assert await store.preferences("persona") == {"c": "You are terse."}
+    sent = SentMessage("om_bot", "c", "an answer", created_at=2.0)
+    await store.complete_message([], [], None, [sent])
+    assert await store.find_sent("om_bot") == sent
+    await store.close()
+
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM sent_messages WHERE created_at < 5"
+        ).fetchall()
+        assert "sent_messages_by_age" in str([tuple(row) for row in plan])
     connection.close()
 
 

@@ -1,4 +1,9 @@
-"""Chat commands: what ``/reset`` and ``/help`` mean, recognised the same way in every transport."""
+"""Chat commands: parsing ``/word argument`` and the help, the same in every transport.
+
+Commands are case-insensitive and have Chinese aliases (``/重置``, ``/角色``, ``/模型`` …). A
+``/word`` that is no command is answered with "unknown command" and the help, and never reaches
+the model; a path such as ``/usr/bin/env`` or a lone ``/`` is ordinary text.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ class CommandName(Enum):
 
     RESET = "reset"
     HELP = "help"
+    ROLE = "role"
+    MODEL = "model"
+    HISTORY = "history"
+    USAGE = "usage"
     KEY = "key"
     KEYS = "keys"
 
@@ -31,9 +40,21 @@ _ALIASES: dict[str, CommandName] = {
     "new": CommandName.RESET,
     "重置": CommandName.RESET,
     "清空": CommandName.RESET,
+    "新对话": CommandName.RESET,
     "help": CommandName.HELP,
+    "start": CommandName.HELP,
     "帮助": CommandName.HELP,
+    "role": CommandName.ROLE,
+    "persona": CommandName.ROLE,
+    "角色": CommandName.ROLE,
+    "model": CommandName.MODEL,
+    "模型": CommandName.MODEL,
+    "history": CommandName.HISTORY,
+    "历史": CommandName.HISTORY,
+    "usage": CommandName.USAGE,
+    "用量": CommandName.USAGE,
     "key": CommandName.KEY,
+    "密钥": CommandName.KEY,
     "keys": CommandName.KEYS,
 }
 
@@ -41,16 +62,38 @@ _ALIASES: dict[str, CommandName] = {
 # "/usr/bin/env" or a lone "/" is ordinary text.
 _COMMAND = re.compile(r"^/(?P<word>[^\s/]+)(?:\s+(?P<argument>.*))?$", re.DOTALL)
 
-HELP_TEXT = """\
-I am a ChatGPT-style assistant: just write to me and I answer, remembering our conversation.
+_INTRO = (
+    "I am a ChatGPT-style assistant: just write to me and I answer, remembering our "
+    "conversation. Reply to (quote) a message to ask me about it."
+)
+_EVERYONE = (
+    "/reset — forget our conversation and start afresh (also /new, /重置)",
+    "/role — list the personas; /role <name> to switch, /role custom <prompt> for your own, "
+    "/role default to go back (also /角色)",
+    "/model — list the models; /model <name> to choose yours (also /模型)",
+    "/history — how much of our conversation I remember (also /历史)",
+    "/usage — your requests and tokens today and this month (also /用量)",
+    "/help — this help (also /帮助)",
+)
+_DONORS = (
+    "/key add <key> — share an API key with the bot (in a private chat; or just send the key)",
+    "/key mine — the keys you shared, their state and today's use",
+    "/key remove <key id> — take one of your keys out of the pool",
+)
+_ADMINS = (
+    "/keys — every key of the pool; /keys disable|enable|remove <key id>",
+    "/usage also shows everyone's use, per key and per user",
+)
 
-Commands:
-/reset — forget our conversation and start afresh (also /new, /clear, /重置)
-/help — this help (also /帮助)
-/key add <key> — share an API key with the bot (in a private chat; or just send the key)
-/key mine — the keys you shared, their state and today's use
-/key remove <key id> — take one of your keys out of the pool
-/keys — every key of the pool (admins; also /keys disable|enable|remove <key id>)"""
+
+def help_text(*, admin: bool = False, donations: bool = True) -> str:
+    """The help: every command with a one-line description; admin commands only for admins."""
+    lines = [_INTRO, "", "Commands:", *_EVERYONE]
+    if donations:
+        lines += _DONORS
+    if admin:
+        lines += ["", "For admins:", *_ADMINS]
+    return "\n".join(lines)
 
 
 def parse_command(text: str) -> Command | None:
@@ -66,6 +109,6 @@ def parse_command(text: str) -> Command | None:
     )
 
 
-def unknown_command_text(word: str) -> str:
+def unknown_command_text(word: str, help_for_user: str) -> str:
     """The reply to a ``/word`` that is not a command."""
-    return f"I don't know the command /{word}.\n\n{HELP_TEXT}"
+    return f"Unknown command: /{word}. Here is what I understand:\n\n{help_for_user}"

@@ -4,7 +4,8 @@ A donation is a private-chat message that is a key (any recognised shape) or ``/
 It is never a prompt: it is not sent to the model, not kept in history, and only its masked form
 and key id are ever logged or shown. The key is checked with a cheap call before it joins the
 pool; a bot cannot recall a user's message, so the answer asks the donor to delete it. In a group
-a key is never accepted: the sender is told to revoke it.
+a key is never accepted: the sender is told to revoke it. Someone ``access.allow`` does not list
+never gets here: the transport turns them away before the service sees the message.
 """
 
 from __future__ import annotations
@@ -81,13 +82,6 @@ class KeyCommands:
             return (
                 "This bot does not take keys by chat: please give keys to its owner. "
                 f"I did not keep it. {DELETE_YOUR_MESSAGE}"
-            )
-        allowed = self._settings.access.allow
-        if allowed and user_id not in allowed:
-            bound.info("key_donation_refused", reason="not allowed")
-            return (
-                "Sorry, only the bot's users can share keys. I did not keep it. "
-                f"{DELETE_YOUR_MESSAGE}"
             )
         known = self._pool.has(secret)
         if known is not None:

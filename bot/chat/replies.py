@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from bot.chat.ordering import Place
-from bot.store import Store, Turn, UsageRecord
+from bot.store import SentMessage, Store, Turn, UsageRecord
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,26 @@ class Reply:
             self.final = event
         return event
 
-    async def commit(self, message_ids: Sequence[str] = ()) -> None:
+    async def commit(self, message_ids: Sequence[str] = (), sent_ids: Sequence[str] = ()) -> None:
         """The reply was delivered: save its exchange and clear ``message_ids`` from the inbox
-        (one transaction), then let the conversation's next message go."""
+        (one transaction), then let the conversation's next message go.
+
+        ``sent_ids`` are the transport's ids of the messages that carry the answer: each is
+        recorded with the answer's text, so a user quoting one of them is understood.
+        """
         try:
             exchange = self.final.exchange if isinstance(self.final, ReplyFinished) else Exchange()
+            answer = next((t for t in reversed(exchange.turns) if t.role == "assistant"), None)
+            sent: list[SentMessage] = []
+            if answer is not None:
+                sent = [
+                    SentMessage(each, answer.conversation_id, answer.content, answer.created_at)
+                    for each in sent_ids
+                ]
             if exchange.turns or exchange.usage is not None or message_ids:
-                await self._store.complete_message(message_ids, exchange.turns, exchange.usage)
+                await self._store.complete_message(
+                    message_ids, exchange.turns, exchange.usage, sent
+                )
         finally:
             await self.aclose()
 

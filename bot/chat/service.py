@@ -12,15 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol
 
 from structlog.stdlib import BoundLogger
 
-from bot.chat.commands import HELP_TEXT, CommandName, parse_command, unknown_command_text
-from bot.chat.history import build_prompt
+from bot.chat.access import AccessControl, day_of
+from bot.chat.commands import Command, CommandName, help_text, parse_command, unknown_command_text
+from bot.chat.conversation_commands import Asker, ConversationCommands
+from bot.chat.history import build_prompt, fit_tokens, with_quote
 from bot.chat.key_commands import GROUP_KEY_TEXT, KeyCommands
 from bot.chat.ordering import ConversationQueue, Place
+from bot.chat.personas import Persona, PersonaBook
 from bot.chat.replies import (
     Exchange,
     Reply,
@@ -31,7 +33,7 @@ from bot.chat.replies import (
     ReplyNotice,
 )
 from bot.chat.tokens import estimate_message_tokens, estimate_tokens
-from bot.config import ChatSettings
+from bot.config import AccessSettings, ChatSettings
 from bot.errors import AllKeysUnavailable, LLMError, ReplyInterrupted, RequestRejected
 from bot.keyshapes import is_key_message
 from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
@@ -49,15 +51,40 @@ KEY_IN_MESSAGE_TEXT = (
 )
 
 
+#: the smallest share of the token budget worth giving a quoted message
+_MIN_QUOTE_TOKENS = 20
+
+
 @dataclass(frozen=True)
 class IncomingMessage:
-    """A message to answer, already stripped of transport details."""
+    """A message to answer, already stripped of transport details.
+
+    ``user_ids`` are other ids of the same user that access lists may name (Feishu's user_id);
+    ``chat_id`` picks a group's default persona; ``quoted_message_id`` is the message this one
+    replies to, read through :attr:`ConversationService.quotes`, unless ``quoted_is_root`` says
+    it is the message the conversation started from and the history still holds it.
+    """
 
     conversation_id: str
     user_id: str
     text: str
     message_id: str
     in_group: bool = False
+    chat_id: str = ""
+    user_ids: tuple[str, ...] = ()
+    quoted_message_id: str = ""
+    quoted_is_root: bool = False
+
+
+class QuoteUnavailable(Exception):
+    """A quoted message could not be read; the text says so politely, to show the user."""
+
+
+class QuoteSource(Protocol):
+    """Reads the text of a message a user quoted (see :mod:`bot.feishu.quotes`)."""
+
+    async def quoted_text(self, message_id: str) -> str:
+        """The message's text ("" when it has none); raise :class:`QuoteUnavailable`."""
 
 
 class ChatModel(Protocol):
@@ -85,8 +112,11 @@ class ConversationService:
         *,
         clock: Clock = time.time,
         model: str | None = None,
+        models: Sequence[str] = (),
         keys: KeyCommands | None = None,
         secrets: Sequence[str] = (),
+        access: AccessControl | None = None,
+        donations: bool = True,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -95,7 +125,24 @@ class ConversationService:
         self._settings = settings
         self._clock = clock
         self._model = model
+        self._donations = donations
         self._queue = ConversationQueue()
+        self.access = access or AccessControl(AccessSettings(), store, clock=clock)
+        self.personas = PersonaBook(settings, store)
+        self.commands = ConversationCommands(
+            store,
+            self.personas,
+            [*([model] if model else []), *models],
+            self.access,
+            history_budget=settings.max_history_tokens,
+            clock=clock,
+        )
+        #: where quoted messages are read from; set by the transport (None: quotes ignored)
+        self.quotes: QuoteSource | None = None
+
+    def help_for(self, user_ids: Sequence[str]) -> str:
+        """The help as this user should see it (admin commands only for admins)."""
+        return help_text(admin=self.access.is_admin(user_ids), donations=self._donations)
 
     def handle(self, message: IncomingMessage) -> Reply:
         """Queue ``message`` in its conversation and return its reply events."""
@@ -109,9 +156,10 @@ class ConversationService:
 
     async def _respond(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         bound = log.bind(conversation=message.conversation_id, message_id=message.message_id)
+        asker = Asker(message.conversation_id, message.chat_id, message.user_id, message.user_ids)
         text = message.text.strip()
         if not text:
-            yield ReplyFinished(HELP_TEXT)
+            yield ReplyFinished(self.help_for(asker.all_ids))
             return
         command = parse_command(text)
         if command is not None and command.name in (CommandName.KEY, CommandName.KEYS):
@@ -136,17 +184,25 @@ class ConversationService:
             bound.warning("api_key_in_message_refused")
             yield ReplyFinished(GROUP_KEY_TEXT if message.in_group else KEY_IN_MESSAGE_TEXT)
             return
-        if command is not None:
-            if command.name is CommandName.RESET:
-                removed = await self._store.clear_conversation(message.conversation_id)
-                bound.info("conversation_reset", turns=removed)
-                yield ReplyFinished("Done: I forgot our conversation. What shall we talk about?")
-            elif command.name is CommandName.HELP:
-                yield ReplyFinished(HELP_TEXT)
-            else:
-                yield ReplyFinished(unknown_command_text(command.word))
+        limit = self._settings.max_input_chars
+        if len(text) > limit:
+            yield ReplyFailed(
+                f"Your message is too long for me: {len(text):,} characters, and I take at most "
+                f"{limit:,}. Please shorten it or split it into parts.",
+                reason="input_too_long",
+            )
             return
-        fixed = estimate_message_tokens(self._settings.system_prompt)
+        if command is not None:
+            yield ReplyFinished(await self._run_command(command, asker, bound))
+            return
+        refusal = await self.access.quota_exceeded(message.user_id, message.user_ids)
+        if refusal is not None:
+            bound.info("quota_reached")
+            yield ReplyFailed(refusal, reason="quota")
+            return
+        persona = await self.personas.current(message.conversation_id, message.chat_id)
+        model = await self.commands.chosen_model(message.user_id) or persona.model or self._model
+        fixed = estimate_message_tokens(persona.system)
         if fixed + estimate_message_tokens(text) > self._settings.max_history_tokens:
             yield ReplyFailed(
                 f"Your message is too long for me (about {estimate_tokens(text)} tokens; "
@@ -156,11 +212,20 @@ class ConversationService:
             )
             return
         history = await self._load_history(message.conversation_id)
+        current, quote_note = text, ""
+        if message.quoted_message_id and self.quotes is not None:
+            quote, quote_note = await self._quote(message, text, persona, history, bound)
+            if quote:
+                current = with_quote(quote, text)
         budget = self._settings.max_history_tokens
         for attempt in range(2):
-            prompt = build_prompt(self._settings.system_prompt, history, text, budget)
+            prompt = build_prompt(
+                persona.system, history, current, budget, examples=persona.examples
+            )
             try:
-                async for event in self._stream(message, prompt, bound):
+                async for event in self._stream(
+                    message, current, prompt, bound, model=model, persona=persona, note=quote_note
+                ):
                     yield event
                 return
             except RequestRejected as exc:
@@ -173,13 +238,79 @@ class ConversationService:
                 yield ReplyFailed(_rejected_text(exc), reason=str(exc))
                 return
 
+    async def _run_command(self, command: Command, asker: Asker, bound: BoundLogger) -> str:
+        name = command.name
+        if name is CommandName.RESET:
+            removed = await self._store.clear_conversation(asker.conversation_id)
+            bound.info("conversation_reset", turns=removed)
+            return "Done: I forgot our conversation. What shall we talk about?"
+        if name is CommandName.HELP:
+            return self.help_for(asker.all_ids)
+        if name is CommandName.ROLE:
+            return await self.commands.role(asker, command.argument)
+        if name is CommandName.MODEL:
+            return await self.commands.model(asker, command.argument)
+        if name is CommandName.HISTORY:
+            return await self.commands.history(asker)
+        if name is CommandName.USAGE:
+            return await self.commands.usage(asker)
+        return unknown_command_text(command.word, self.help_for(asker.all_ids))
+
+    async def _quote(
+        self,
+        message: IncomingMessage,
+        text: str,
+        persona: Persona,
+        history: Sequence[Turn],
+        bound: BoundLogger,
+    ) -> tuple[str, str]:
+        """The quoted text to give the model (fitted into the budget), and a note for the user
+        when it could not be given whole (shown under the answer)."""
+        assert self.quotes is not None
+        if message.quoted_is_root and history:
+            return "", ""  # the thread's first message: the history starts with it
+        try:
+            quote = (await self.quotes.quoted_text(message.quoted_message_id)).strip()
+        except QuoteUnavailable as exc:
+            bound.warning("quote_unavailable", quoted=message.quoted_message_id, reason=str(exc))
+            return "", str(exc)
+        if not quote:
+            return "", "(The message you replied to has no text I can read; I answer without it.)"
+        if is_key_message(quote) is not None or contains_api_key(quote, self._secrets):
+            bound.warning("quote_with_api_key_skipped", quoted=message.quoted_message_id)
+            return "", (
+                "(The message you replied to looks like it holds an API key, so I did not read it.)"
+            )
+        if any(turn.content.strip() == quote for turn in history):
+            return "", ""  # the model sees it in the history anyway
+        fixed = estimate_message_tokens(persona.system) + estimate_message_tokens(text)
+        room = (self._settings.max_history_tokens - fixed) // 2  # leave room for history
+        if room < _MIN_QUOTE_TOKENS:
+            return "", "(The message you replied to does not fit in what I can read; ignored.)"
+        quote, cut = fit_tokens(quote, room)
+        bound.info("quote_included", quoted=message.quoted_message_id, cut=cut)
+        note = "(The message you replied to is long: I read only its beginning.)" if cut else ""
+        return quote, note
+
     async def _stream(
-        self, message: IncomingMessage, prompt: list[ChatMessage], bound: BoundLogger
+        self,
+        message: IncomingMessage,
+        current: str,
+        prompt: list[ChatMessage],
+        bound: BoundLogger,
+        *,
+        model: str | None,
+        persona: Persona,
+        note: str = "",
     ) -> AsyncIterator[ReplyEvent]:
+        """Stream the answer; ``note`` is shown under it, before any note of how it ended."""
         answer = ""
         key_id = ""
+        stream = self._llm.stream(
+            prompt, user_id=message.user_id, model=model, temperature=persona.temperature
+        )
         try:
-            async for event in self._llm.stream(prompt, user_id=message.user_id, model=self._model):
+            async for event in stream:
                 if isinstance(event, TextDelta):
                     answer += event.text
                     yield ReplyDelta(event.text)
@@ -188,13 +319,13 @@ class ConversationService:
                     usage = event.usage or _estimate_usage(prompt, answer)
                     if self._keys is not None:
                         self._keys.count_tokens(key_id, usage)
-                    note = _finish_note(event.finish_reason, answer)
+                    end_note = _joined(note, _finish_note(event.finish_reason, answer))
                     complete = event.finish_reason not in _STOPPED_EARLY
                     yield ReplyFinished(
                         answer,
-                        note=note,
+                        note=end_note,
                         complete=complete,
-                        exchange=self._exchange(message, answer, usage, key_id, complete),
+                        exchange=self._exchange(message, current, answer, usage, key_id, complete),
                     )
                 else:
                     yield ReplyNotice(
@@ -206,11 +337,19 @@ class ConversationService:
             bound.warning("reply_interrupted", chars=len(partial))
             yield ReplyFinished(
                 partial,
-                note="(The answer was cut off: the connection to the model broke. "
-                "Ask me to continue.)",
+                note=_joined(
+                    note,
+                    "(The answer was cut off: the connection to the model broke. "
+                    "Ask me to continue.)",
+                ),
                 complete=False,
                 exchange=self._exchange(
-                    message, partial, _estimate_usage(prompt, partial), key_id, complete=False
+                    message,
+                    current,
+                    partial,
+                    _estimate_usage(prompt, partial),
+                    key_id,
+                    complete=False,
                 ),
             )
         except AllKeysUnavailable as exc:
@@ -238,6 +377,7 @@ class ConversationService:
     def _exchange(
         self,
         message: IncomingMessage,
+        question: str,
         answer: str,
         usage: TokenUsage,
         key_id: str,
@@ -245,23 +385,25 @@ class ConversationService:
     ) -> Exchange:
         """The turns and usage to save once the answer was delivered."""
         now = self._clock()
-        turns = [
-            Turn(message.conversation_id, "user", message.text.strip(), now, _tokens(message.text))
-        ]
+        turns = [Turn(message.conversation_id, "user", question, now, _tokens(question))]
         if answer:
             status: TurnStatus = "complete" if complete else "cut"
             turns.append(
                 Turn(message.conversation_id, "assistant", answer, now, _tokens(answer), status)
             )
-        day = datetime.fromtimestamp(now).strftime("%Y-%m-%d")
         record = UsageRecord(
-            day, message.user_id, key_id, usage.prompt_tokens, usage.completion_tokens
+            day_of(now), message.user_id, key_id, usage.prompt_tokens, usage.completion_tokens
         )
         return Exchange(tuple(turns), record if key_id else None)
 
 
 #: finish reasons after which the answer is not the whole answer
 _STOPPED_EARLY = frozenset({"length", "content_filter"})
+
+
+def _joined(*notes: str | None) -> str | None:
+    """Notes shown under an answer, one per line (None when there is none)."""
+    return "\n".join(note for note in notes if note) or None
 
 
 def _finish_note(finish_reason: str | None, answer: str) -> str | None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bot.chat.access import REFUSAL_TEXT
 from bot.chat.replies import Reply
 from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings
@@ -63,6 +64,7 @@ class _Job:
     reply: Reply | None = None
     text: str = ""  # a fixed text to deliver instead of a reply from the service
     delayed: bool = False
+    refused: bool = False  # a user not allowed: ``text`` is the refusal, sent once a day
     merged_ids: list[str] = field(default_factory=list)  # other messages this answer covers
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -152,6 +154,9 @@ class Answerer:
         delayed: bool,
         merged_ids: list[str] | None = None,
     ) -> None:
+        if not self._service.access.allows(message.sender_ids, message.chat_id):
+            self._start(_Job(message, record, text=REFUSAL_TEXT, refused=True))
+            return
         if message.kind != "text":
             text = UNSUPPORTED_TEXT.format(what=message.describe_type())
             self._start(_Job(message, record, text=text))
@@ -164,6 +169,10 @@ class Answerer:
                 text=message.text,
                 message_id=message.message_id,
                 in_group=message.in_group,
+                chat_id=message.chat_id,
+                user_ids=message.sender_ids[1:],
+                quoted_message_id=message.parent_id,
+                quoted_is_root=message.quotes_thread_root,
             )
         )
         self._start(_Job(message, record, reply, delayed=delayed, merged_ids=merged_ids or []))
@@ -208,6 +217,17 @@ class Answerer:
             await self._store.inbox_set_delivery(message.message_id, record.to_json())
 
         try:
+            if job.refused:
+                told = await self._service.access.refuse_today(message.sender_open_id)
+                log.info(
+                    "message_refused" if told else "message_refused_quietly",
+                    user=message.sender_open_id,
+                    chat_id=message.chat_id,
+                    reason="not in access.allow",
+                )
+                if not told:
+                    await self._store.complete_message(job.message_ids, (), None)
+                    return
             if job.reply is None:
                 result = await self._replier.send_text(
                     job.target, job.text, record=job.record, persist=persist
@@ -240,7 +260,7 @@ class Answerer:
                 await self._store.complete_message(job.message_ids, (), None)
                 return
             if job.reply is not None:
-                await job.reply.commit(job.message_ids)
+                await job.reply.commit(job.message_ids, result.message_ids)
             else:
                 await self._store.complete_message(job.message_ids, (), None)
             log.info(

@@ -150,8 +150,15 @@ class FeishuApi:
 
     async def send_to_user(self, open_id: str, text: str, *, uuid: str) -> str:
         """Send a text message to a user's private chat with the bot; return its id."""
+        return await self._send_text("open_id", open_id, text, uuid=uuid)
+
+    async def send_to_chat(self, chat_id: str, text: str, *, uuid: str) -> str:
+        """Send a text message to a chat (group or private) by its chat id; return its id."""
+        return await self._send_text("chat_id", chat_id, text, uuid=uuid)
+
+    async def _send_text(self, id_type: str, receiver: str, text: str, *, uuid: str) -> str:
         body = {
-            "receive_id": open_id,
+            "receive_id": receiver,
             "msg_type": "text",
             "content": json.dumps({"text": text}, ensure_ascii=False),
             "uuid": uuid,
@@ -160,10 +167,30 @@ class FeishuApi:
             "message_create",
             "POST",
             "/open-apis/im/v1/messages",
-            queries=[("receive_id_type", "open_id")],
+            queries=[("receive_id_type", id_type)],
             body=body,
         )
         return str(data.get("message_id") or "")
+
+    async def get_message(self, message_id: str) -> dict[str, Any]:
+        """One message as ``GET im/v1/messages/:id`` returns it (``msg_type``, ``body.content``,
+        ``sender``, ``mentions`` …); a message that is gone is a :class:`FeishuApiError`.
+
+        A card's content is asked for as the card JSON itself (``user_card_content``): without
+        it Feishu returns a schema 2.0 card as a stub asking to upgrade the client.
+        """
+        data = await self.call(
+            "message_get",
+            "GET",
+            "/open-apis/im/v1/messages/:message_id",
+            paths={"message_id": message_id},
+            queries=[("card_msg_content_type", "user_card_content")],
+        )
+        items = data.get("items")
+        if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+            raise FeishuApiError("message_get", code=-1, msg="no message in the answer")
+        item: dict[str, Any] = items[0]
+        return item
 
     async def set_card_text(
         self, card_id: str, element_id: str, text: str, sequence: int, *, retry: bool = True

@@ -29,8 +29,10 @@ from bot.feishu.answerer import Answerer
 from bot.feishu.api import FeishuApi
 from bot.feishu.key_notices import KeyNotices
 from bot.feishu.messages import FeishuMessage, from_inbound
+from bot.feishu.quotes import FeishuQuotes
 from bot.feishu.replier import CardReplier
 from bot.feishu.token_keeper import TenantTokenKeeper
+from bot.feishu.welcome import Welcomer
 from bot.logging import adopt_sdk_logger, get_logger, quiet_sdk_shutdown
 from bot.store import InboxEntry
 from bot.timing import Clock
@@ -66,6 +68,8 @@ class FeishuGateway:
         self._http: http_pool.HttpxShim | None = None
         self._tokens: TenantTokenKeeper | None = None
         self._answerer: Answerer | None = None
+        self._welcomer: Welcomer | None = None
+        self._greetings: set[asyncio.Task[None]] = set()
         self._on_lost = on_lost
         self.lost_reason = ""  # set when the connection is gone for good
         self._watchdog: asyncio.Task[None] | None = None
@@ -101,6 +105,13 @@ class FeishuGateway:
             api,
             self._settings.access.admins,
             health_check_minutes=self._settings.keys.health_check_minutes,
+        )
+        self._core.service.quotes = FeishuQuotes(api, self._core.store)
+        self._welcomer = Welcomer(
+            api,
+            self._core.store,
+            self._core.service.access,
+            donations=self._settings.keys.accept_donations,
         )
         replier = CardReplier(api, update_interval_s=self._settings.chat.stream_update_ms / 1000)
         self._answerer = Answerer(
@@ -138,6 +149,10 @@ class FeishuGateway:
                 await self._watchdog
         if self._answerer is not None:
             await self._answerer.stop(self._settings.feishu.shutdown_grace_s)
+        if self._greetings:
+            _, late = await asyncio.wait(set(self._greetings), timeout=5)
+            for task in late:
+                task.cancel()
         await self._stop_channel()
 
     async def _stop_channel(self) -> None:
@@ -181,7 +196,15 @@ class FeishuGateway:
             name_lookup=_no_name_lookup,
         )
         sdk_compat.hook_message_events(channel, self._journal_arrival)
+        # Called on the WebSocket thread: hand over to the bot's loop.
+        sdk_compat.handle_p2p_chat_entered(
+            channel,
+            lambda chat_id, open_id: self._loop.call_soon_threadsafe(
+                self._greet, "user", chat_id, open_id
+            ),
+        )
         channel.on("message", self._on_message)
+        channel.on("botAdded", self._on_bot_added)
         channel.on("reject", self._on_reject)
         # Called on the SDK's WebSocket thread: hand over to the bot's loop.
         channel.on("reconnecting", lambda *_: self._loop.call_soon_threadsafe(self._reconnecting))
@@ -275,6 +298,23 @@ class FeishuGateway:
         log.error("feishu_connection_lost", reconnect_timeout_s=timeout)
         if self._on_lost is not None:
             self._on_lost()
+
+    def _on_bot_added(self, event: Any, *_: Any) -> None:
+        chat_id = str(getattr(event, "chat_id", "") or "")
+        operator = str(getattr(getattr(event, "operator", None), "open_id", "") or "")
+        self._loop.call_soon_threadsafe(self._greet, "group", chat_id, operator)
+
+    def _greet(self, who: str, chat_id: str, open_id: str) -> None:
+        """On the bot's loop: welcome a user or a group (once; see :mod:`bot.feishu.welcome`)."""
+        if self._welcomer is None:
+            return
+        if who == "user":
+            greeting = self._welcomer.user_entered(chat_id, open_id)
+        else:
+            greeting = self._welcomer.bot_added(chat_id, open_id)
+        task = asyncio.create_task(greeting)
+        self._greetings.add(task)
+        task.add_done_callback(self._greetings.discard)
 
     def _on_reject(self, event: Any, *_: Any) -> None:
         log.info(

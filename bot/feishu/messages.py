@@ -71,6 +71,22 @@ class FeishuMessage:
     #: the type the "text only" reply names when it is not ``message_type`` ("image" for a post
     #: holding only images)
     describe_as: str = ""
+    #: the sender's tenant-scoped user_id, when the app may read it (access lists may name it)
+    sender_user_id: str = ""
+    #: the message this one replies to (quotes), and the root of its reply chain or thread
+    parent_id: str = ""
+    root_id: str = ""
+
+    @property
+    def sender_ids(self) -> tuple[str, ...]:
+        """Every id of the sender that an access list may name."""
+        return tuple(each for each in (self.sender_open_id, self.sender_user_id) if each)
+
+    @property
+    def quotes_thread_root(self) -> bool:
+        """Whether the quoted message is the root of this group conversation (its thread), whose
+        text the conversation's history already starts with."""
+        return self.in_group and bool(self.parent_id) and self.parent_id == self.root_id
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -122,6 +138,9 @@ class FeishuMessage:
             create_time_ms=_field(data, "create_time_ms", int, default=0),
             in_group=_field(data, "in_group", bool, default=chat_type != "p2p"),
             describe_as=_field(data, "describe_as", str, default=""),
+            sender_user_id=_field(data, "sender_user_id", str, default=""),
+            parent_id=_field(data, "parent_id", str, default=""),
+            root_id=_field(data, "root_id", str, default=""),
         )
 
 
@@ -178,7 +197,8 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
     chat_id = _str(getattr(conversation, "chat_id", ""))
     message_type = _str(getattr(inbound, "raw_content_type", "") or raw.get("message_type"))
     chat_type = _str(getattr(conversation, "chat_type", "") or raw.get("chat_type")) or "p2p"
-    sender = _str(getattr(getattr(inbound, "sender", None), "open_id", ""))
+    identity = getattr(inbound, "sender", None)
+    sender = _str(getattr(identity, "open_id", ""))
     kind: MessageKind = "text" if message_type in READABLE_TYPES else "unsupported"
     text, media = "", ""
     if kind == "text":
@@ -200,6 +220,9 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
         create_time_ms=_int(getattr(inbound, "create_time", 0)),
         in_group=chat_type != "p2p",
         describe_as=media if kind == "unsupported" else "",
+        sender_user_id=_str(getattr(identity, "user_id", "")),
+        parent_id=_str(raw.get("parent_id")),
+        root_id=_str(raw.get("root_id")),
     )
 
 

@@ -586,7 +586,8 @@ class _AnswerState:
             self.notice = event.text
         elif isinstance(event, ReplyFinished):
             self.answer = event.text
-            self.footer = f"_{event.note}_" if event.note else ""
+            notes = (event.note or "").splitlines()
+            self.footer = "\n".join(f"_{line}_" for line in notes if line.strip())
             self.outcome = "complete" if event.complete else "interrupted"
         elif isinstance(event, ReplyFailed):
             self.fail(event.message)

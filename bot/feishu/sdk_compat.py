@@ -42,6 +42,13 @@ and run ``tests/test_token_keeper.py``.
   channel's background loop; :func:`replay_message_event` feeds it a journaled event again.
   Re-check: both names, that ``start()`` still calls ``_build_dispatcher()``, and that
   ``lark_oapi.core.json.JSON`` still round-trips ``P2ImMessageReceiveV1``.
+* **The dispatcher's processor map** (``lark_oapi/event/dispatcher_handler.py``): the channel
+  registers no handler for ``im.chat.access_event.bot_p2p_chat_entered_v1``, and an event
+  without one is answered with an error. :func:`handle_p2p_chat_entered` wraps the channel's
+  ``_build_dispatcher`` (called by ``start()``) to add the SDK's own typed processor to the
+  built dispatcher's ``_processorMap``, exactly what the builder's
+  ``register_p2_im_chat_access_event_bot_p2p_chat_entered_v1`` does. Re-check: the map's name
+  and key format (``p2.<event type>``), and the processor class.
 * **The version range** this knowledge was checked against, :data:`SUPPORTED`:
   :func:`check_sdk_version` warns at startup when another version is installed.
 """
@@ -209,6 +216,39 @@ def hook_message_events(channel: Any, hook: Callable[[str, str], None]) -> None:
         original(data)
 
     channel._on_p2_im_message_receive_v1 = journaled
+
+
+P2P_CHAT_ENTERED: Final = "im.chat.access_event.bot_p2p_chat_entered_v1"
+
+
+def handle_p2p_chat_entered(channel: Any, handler: Callable[[str, str], object]) -> None:
+    """Call ``handler(chat_id, operator_open_id)`` on the WebSocket thread for every
+    ``im.chat.access_event.bot_p2p_chat_entered_v1`` event (a user opened the private chat).
+
+    Call before the channel starts. The handler must be quick and must not raise.
+    """
+    from lark_oapi.api.im.v1.processor import P2ImChatAccessEventBotP2pChatEnteredV1Processor
+
+    def entered(data: Any) -> None:
+        event = getattr(data, "event", None)
+        chat_id = str(getattr(event, "chat_id", None) or "")
+        operator = getattr(event, "operator_id", None)
+        open_id = str(getattr(operator, "open_id", None) or "")
+        try:
+            handler(chat_id, open_id)
+        except Exception as exc:  # never let a greeting break the event loop
+            log.error("p2p_chat_entered_failed", error=repr(exc))
+
+    original = channel._build_dispatcher
+
+    def build() -> Any:
+        dispatcher = original()
+        dispatcher._processorMap[f"p2.{P2P_CHAT_ENTERED}"] = (
+            P2ImChatAccessEventBotP2pChatEnteredV1Processor(entered)
+        )
+        return dispatcher
+
+    channel._build_dispatcher = build
 
 
 def replay_message_event(channel: Any, event: str) -> concurrent.futures.Future[None]:

@@ -3,7 +3,8 @@
 A store keeps everything that must survive a restart or be shared by several instances:
 conversation turns, processed-message marks (dedup, with expiry), the durable inbox of messages
 awaiting an answer (and, set aside, the ones that could not be read back), the API keys with their
-state, and usage counters. Implementations:
+state, usage counters, small preferences (a conversation's persona, a user's model) and the
+bot's own sent messages (to read back an answer a user quotes). Implementations:
 :mod:`bot.store.sqlite` (embedded default). Every method is a coroutine that never blocks the loop.
 """
 
@@ -48,6 +49,16 @@ class InboxEntry:
     payload: str
     received_at: float
     delivery: str | None = None
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    """A message the bot sent as (part of) an answer, by its chat platform message id."""
+
+    message_id: str
+    conversation_id: str
+    content: str
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,11 @@ class Store(Protocol):
         """Forget a conversation's turns; return how many were removed."""
 
     async def prune_turns(self, older_than: float) -> int:
-        """Delete every turn created before ``older_than`` (epoch seconds); return how many."""
+        """Delete every turn created before ``older_than`` (epoch seconds); return how many.
+
+        The bot's sent messages (:meth:`find_sent`) created before ``older_than`` go too, in the
+        same call; they are not counted in the number returned.
+        """
 
     # Dedup of processed events and messages
     async def mark_seen(self, key: str, ttl_s: float) -> bool:
@@ -179,14 +194,26 @@ class Store(Protocol):
         """Drop journal entries by message id, and every one received before ``before``."""
 
     async def complete_message(
-        self, message_ids: Sequence[str], turns: Sequence[Turn], usage: UsageRecord | None
+        self,
+        message_ids: Sequence[str],
+        turns: Sequence[Turn],
+        usage: UsageRecord | None,
+        sent: Sequence[SentMessage] = (),
     ) -> None:
         """Record a delivered answer in one transaction.
 
-        Appends ``turns`` in order, counts ``usage`` (like :meth:`add_usage`) when given and
+        Appends ``turns`` in order, counts ``usage`` (like :meth:`add_usage`) when given, records
+        the messages the answer was ``sent`` as (replacing any with the same message id) and
         removes every message of ``message_ids`` from the inbox: all of it or, when it fails
         (:class:`bot.errors.StoreError`), none of it. So a crash never leaves the history saved
         while the inbox still holds the message, nor the reverse.
+        """
+
+    async def find_sent(self, message_id: str) -> SentMessage | None:
+        """The bot's own message with this chat platform id, or None when it is not recorded.
+
+        Sent messages outlive :meth:`clear_conversation` (a user may still quote an old answer)
+        and go only with :meth:`prune_turns`.
         """
 
     # API keys
@@ -207,3 +234,22 @@ class Store(Protocol):
 
     async def usage_for_day(self, day: str) -> list[Usage]:
         """Every usage row of a day."""
+
+    async def usage_between(
+        self, first_day: str, last_day: str, user_id: str | None = None
+    ) -> list[Usage]:
+        """Every usage row from ``first_day`` to ``last_day``, both included.
+
+        Days are ``YYYY-MM-DD`` and compared as text. Only ``user_id``'s rows when it is given.
+        Ordered by day, then user, then key.
+        """
+
+    # Preferences: small per-scope settings, e.g. a conversation's persona, a user's model
+    async def get_preference(self, scope: str, subject: str) -> str | None:
+        """The value stored for ``subject`` in ``scope``, or None when there is none."""
+
+    async def set_preference(self, scope: str, subject: str, value: str | None) -> None:
+        """Store ``value`` for ``subject`` in ``scope``, replacing any; None deletes it."""
+
+    async def preferences(self, scope: str) -> dict[str, str]:
+        """Every subject of ``scope`` with its value."""

@@ -6,7 +6,8 @@ interleave. The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIO
 (a migration, once released, is never edited: changes go into a new one).
 
 Writes that belong together (accepting a message, recording a delivered answer, setting an inbox
-row aside) run in one ``BEGIN IMMEDIATE`` transaction, so a crash keeps all of them or none.
+row aside, pruning old turns with the sent messages of their time) run in one ``BEGIN IMMEDIATE``
+transaction, so a crash keeps all of them or none.
 
 With a :class:`bot.store.crypto.KeyCipher` (``BOT_SECRET_KEY`` set) API key secrets are written
 sealed, and :meth:`SQLiteStore.open` seals the plain ones it finds in place, then rewrites the
@@ -33,6 +34,7 @@ from bot.store.base import (
     KeySource,
     KeyState,
     Role,
+    SentMessage,
     StoredKey,
     Turn,
     TurnStatus,
@@ -115,6 +117,23 @@ MIGRATIONS: tuple[str, ...] = (
         received_at REAL NOT NULL
     );
     """,
+    # 3: preferences (persona, model), the bot's sent messages (to read back a quoted answer)
+    """
+    CREATE TABLE preferences (
+        scope TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (scope, subject)
+    );
+    CREATE TABLE sent_messages (
+        message_id TEXT PRIMARY KEY,
+        conversation_id TEXT NOT NULL,
+        content TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX sent_messages_by_age ON sent_messages (created_at);
+    """,
 )
 
 RECENT_PAGE = 50
@@ -131,6 +150,11 @@ _ADD_USAGE = (
     " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens"
 )
+_INSERT_SENT = (
+    "INSERT OR REPLACE INTO sent_messages (message_id, conversation_id, content, created_at)"
+    " VALUES (?, ?, ?, ?)"
+)
+_USAGE_COLUMNS = "day, user_id, key_id, requests, prompt_tokens, completion_tokens"
 _INSERT_INBOX = (
     "INSERT OR IGNORE INTO inbox (message_id, conversation_id, payload, received_at, delivery)"
     " VALUES (?, ?, ?, ?, ?)"
@@ -366,8 +390,15 @@ class SQLiteStore:
         )
 
     async def prune_turns(self, older_than: float) -> int:
-        """Delete every turn created before ``older_than``; return how many."""
-        return await self._run(self._write, "DELETE FROM turns WHERE created_at < ?", (older_than,))
+        """Delete every turn and sent message created before ``older_than``; return how many
+        turns."""
+        return await self._run(self._prune_sync, older_than)
+
+    def _prune_sync(self, older_than: float) -> int:
+        with self._transaction("prune old turns") as db:
+            removed = db.execute("DELETE FROM turns WHERE created_at < ?", (older_than,)).rowcount
+            db.execute("DELETE FROM sent_messages WHERE created_at < ?", (older_than,))
+        return removed
 
     # ---- dedup -----------------------------------------------------------------------------
 
@@ -510,17 +541,30 @@ class SQLiteStore:
             db.execute("DELETE FROM inbox WHERE message_id = ?", (message_id,))
 
     async def complete_message(
-        self, message_ids: Sequence[str], turns: Sequence[Turn], usage: UsageRecord | None
+        self,
+        message_ids: Sequence[str],
+        turns: Sequence[Turn],
+        usage: UsageRecord | None,
+        sent: Sequence[SentMessage] = (),
     ) -> None:
-        """Append ``turns``, count ``usage``, clear ``message_ids`` from the inbox: atomically."""
-        await self._run(self._complete_sync, list(message_ids), list(turns), usage)
+        """Append ``turns``, count ``usage``, record ``sent``, clear ``message_ids`` from the
+        inbox: atomically."""
+        await self._run(self._complete_sync, list(message_ids), list(turns), usage, list(sent))
 
     def _complete_sync(
-        self, message_ids: list[str], turns: list[Turn], usage: UsageRecord | None
+        self,
+        message_ids: list[str],
+        turns: list[Turn],
+        usage: UsageRecord | None,
+        sent: list[SentMessage],
     ) -> None:
         with self._transaction("record the answer") as db:
             for turn in turns:
                 db.execute(_INSERT_TURN, _turn_row(turn))
+            db.executemany(
+                _INSERT_SENT,
+                [(m.message_id, m.conversation_id, m.content, m.created_at) for m in sent],
+            )
             if usage is not None:
                 db.execute(
                     _ADD_USAGE,
@@ -535,6 +579,16 @@ class SQLiteStore:
             db.executemany(
                 "DELETE FROM inbox WHERE message_id = ?", [(each,) for each in message_ids]
             )
+
+    async def find_sent(self, message_id: str) -> SentMessage | None:
+        """The bot's own message with this id, or None when it is not recorded."""
+        rows = await self._run(
+            self._read,
+            "SELECT message_id, conversation_id, content, created_at FROM sent_messages"
+            " WHERE message_id = ?",
+            (message_id,),
+        )
+        return SentMessage(**dict(rows[0])) if rows else None
 
     # ---- keys ------------------------------------------------------------------------------
 
@@ -607,8 +661,58 @@ class SQLiteStore:
         """Every usage row of a day."""
         rows = await self._run(
             self._read,
-            "SELECT day, user_id, key_id, requests, prompt_tokens, completion_tokens FROM usage"
+            f"SELECT {_USAGE_COLUMNS} FROM usage"  # noqa: S608
             " WHERE day = ? ORDER BY user_id, key_id",
             (day,),
         )
         return [Usage(**dict(row)) for row in rows]
+
+    async def usage_between(
+        self, first_day: str, last_day: str, user_id: str | None = None
+    ) -> list[Usage]:
+        """Every usage row with ``first_day <= day <= last_day`` (of ``user_id`` when given),
+        ordered by day, user, key."""
+        rows = await self._run(
+            self._read,
+            f"SELECT {_USAGE_COLUMNS} FROM usage"  # noqa: S608
+            " WHERE day BETWEEN ? AND ? AND (? IS NULL OR user_id = ?)"
+            " ORDER BY day, user_id, key_id",
+            (first_day, last_day, user_id, user_id),
+        )
+        return [Usage(**dict(row)) for row in rows]
+
+    # ---- preferences -----------------------------------------------------------------------
+
+    async def get_preference(self, scope: str, subject: str) -> str | None:
+        """The value stored for ``subject`` in ``scope``, or None."""
+        rows = await self._run(
+            self._read,
+            "SELECT value FROM preferences WHERE scope = ? AND subject = ?",
+            (scope, subject),
+        )
+        return str(rows[0]["value"]) if rows else None
+
+    async def set_preference(self, scope: str, subject: str, value: str | None) -> None:
+        """Insert or replace ``subject``'s value in ``scope``; None deletes it."""
+        if value is None:
+            await self._run(
+                self._write,
+                "DELETE FROM preferences WHERE scope = ? AND subject = ?",
+                (scope, subject),
+            )
+            return
+        await self._run(
+            self._write,
+            "INSERT OR REPLACE INTO preferences (scope, subject, value, updated_at)"
+            " VALUES (?, ?, ?, ?)",
+            (scope, subject, value, self._clock()),
+        )
+
+    async def preferences(self, scope: str) -> dict[str, str]:
+        """Every subject of ``scope`` with its value."""
+        rows = await self._run(
+            self._read,
+            "SELECT subject, value FROM preferences WHERE scope = ? ORDER BY subject",
+            (scope,),
+        )
+        return {row["subject"]: row["value"] for row in rows}

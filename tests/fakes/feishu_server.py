@@ -34,6 +34,24 @@ What it speaks (as read from lark-oapi 1.7.5, ``lark_oapi/ws/client.py`` and ``c
   elements / element ``content``) with card-wide strictly increasing ``sequence`` (else
   ``300317``). Every call is recorded (:attr:`FakeFeishu.calls`) in arrival order. Unknown paths
   answer ``404`` and are recorded as endpoint ``"unknown"``.
+* ``GET /open-apis/im/v1/messages/:message_id`` answers ``data.items[0]`` in the ``im.v1``
+  message shape (``msg_type``, ``body.content``, ``sender{id, id_type, sender_type,
+  tenant_key}``, ``mentions`` …) for messages the bot sent, messages delivered as events and
+  messages added with :meth:`FakeFeishu.add_message`. Interactive cards are not returned as
+  sent: like Feishu, the API answers a flattened ``{"title", "elements": [[{"tag": "text",
+  "text"}]]}`` JSON (one paragraph per text-bearing element) unless the request asks for
+  ``card_msg_content_type=user_card_content`` (then the card JSON itself). Real Feishu goes
+  further for schema 2.0 (CardKit) cards and answers only a "please upgrade your client" stub
+  without the card's text; ``FakeFeishu(degrade_v2_cards=True)`` reproduces that. An id the
+  fake does not know answers HTTP 400 with ``230011`` "The message was withdrawn." (what
+  Feishu answers for a recalled message; a malformed id gets ``230001`` "invalid message_id"
+  and a chat the bot left ``230002``: inject those with :meth:`FakeFeishu.fail`).
+
+Events: :func:`build_message_event` (``im.message.receive_v1`` from the message samples),
+:func:`build_p2p_chat_entered_event` (``im.chat.access_event.bot_p2p_chat_entered_v1``: a user
+opened the one-to-one chat with the bot) and :func:`build_bot_added_event`
+(``im.chat.member.bot.added_v1``: the bot was added to a group). :meth:`FakeFeishu.deliver`
+takes any of them as a dict, or a sample name.
 
 Controls: :meth:`FakeFeishu.fail` (error bodies from ``samples/feishu_errors.json``),
 :meth:`FakeFeishu.delay`, :meth:`FakeFeishu.hold` (a deterministic :class:`Gate`),
@@ -82,6 +100,7 @@ from tests.fakes._background import (
 __all__ = [
     "BOT_NAME",
     "BOT_OPEN_ID",
+    "CHAT_EVENT_SAMPLE_NAMES",
     "DEFAULT_APP_ID",
     "DEFAULT_APP_SECRET",
     "ENDPOINTS",
@@ -100,7 +119,9 @@ __all__ = [
     "RestCall",
     "SignalEvent",
     "WsConnection",
+    "build_bot_added_event",
     "build_message_event",
+    "build_p2p_chat_entered_event",
     "load_sample",
 ]
 
@@ -117,6 +138,10 @@ SAMPLE_NAMES: Final = (
     "group_text_mention",
     "group_thread_reply",
 )
+"""Samples of ``im.message.receive_v1`` events (for :func:`build_message_event`)."""
+CHAT_EVENT_SAMPLE_NAMES: Final = ("p2p_chat_entered", "bot_added")
+"""Samples of chat events: ``im.chat.access_event.bot_p2p_chat_entered_v1`` and
+``im.chat.member.bot.added_v1`` (for their own builders)."""
 
 DEFAULT_APP_ID: Final = "cli_fake_app_0001"
 DEFAULT_APP_SECRET: Final = "fake-app-secret"
@@ -228,11 +253,15 @@ _SAMPLE_CACHE: dict[str, JSONDict] = {}
 
 
 def load_sample(name: str) -> JSONDict:
-    """Return a deep copy of ``samples/<name>.json`` (an ``im.message.receive_v1`` event)."""
+    """Return a deep copy of ``samples/<name>.json`` (a schema 2.0 event envelope).
+
+    ``name`` is one of :data:`SAMPLE_NAMES` (message events) or :data:`CHAT_EVENT_SAMPLE_NAMES`.
+    """
     if name not in _SAMPLE_CACHE:
         path = SAMPLES_DIR / f"{name}.json"
         if not path.is_file():
-            raise KeyError(f"unknown sample {name!r}; known: {', '.join(SAMPLE_NAMES)}")
+            known = ", ".join((*SAMPLE_NAMES, *CHAT_EVENT_SAMPLE_NAMES))
+            raise KeyError(f"unknown sample {name!r}; known: {known}")
         _SAMPLE_CACHE[name] = _read_json(path)
     return copy.deepcopy(_SAMPLE_CACHE[name])
 
@@ -345,6 +374,78 @@ def build_message_event(
         )
     for dotted, value in (overrides or {}).items():
         _set_dotted(event, dotted, value)
+    return event
+
+
+def _build_chat_event(
+    sample: str,
+    *,
+    chat_id: str | None,
+    operator_open_id: str | None,
+    event_id: str | None,
+    app_id: str | None,
+) -> JSONDict:
+    event = load_sample(sample)
+    header = event["header"]
+    header["event_id"] = event_id or uuid.uuid4().hex
+    header["create_time"] = str(int(time.time() * 1000))
+    if app_id is not None:
+        header["app_id"] = app_id
+    body = event["event"]
+    if chat_id is not None:
+        body["chat_id"] = chat_id
+    if operator_open_id is not None:
+        body["operator_id"]["open_id"] = operator_open_id
+    return event
+
+
+def build_p2p_chat_entered_event(
+    *,
+    chat_id: str | None = None,
+    operator_open_id: str | None = None,
+    event_id: str | None = None,
+    app_id: str | None = None,
+) -> JSONDict:
+    """Build an ``im.chat.access_event.bot_p2p_chat_entered_v1`` event (schema 2.0).
+
+    Feishu sends it when a user opens the one-to-one chat with the bot (the first time and on
+    later visits); ``event.last_message_id``/``last_message_create_time`` keep the sample's
+    values. ``event_id`` is new and ``header.create_time`` is "now" unless given. The operator's
+    ``union_id``/``user_id`` stay the sample user's when only ``operator_open_id`` is given.
+    """
+    return _build_chat_event(
+        "p2p_chat_entered",
+        chat_id=chat_id,
+        operator_open_id=operator_open_id,
+        event_id=event_id,
+        app_id=app_id,
+    )
+
+
+def build_bot_added_event(
+    *,
+    chat_id: str | None = None,
+    operator_open_id: str | None = None,
+    chat_name: str | None = None,
+    event_id: str | None = None,
+    app_id: str | None = None,
+) -> JSONDict:
+    """Build an ``im.chat.member.bot.added_v1`` event (schema 2.0): a user added the bot to a group.
+
+    ``chat_name`` sets ``event.name`` and every ``event.i18n_names`` entry. ``event_id`` is new
+    and ``header.create_time`` is "now" unless given.
+    """
+    event = _build_chat_event(
+        "bot_added",
+        chat_id=chat_id,
+        operator_open_id=operator_open_id,
+        event_id=event_id,
+        app_id=app_id,
+    )
+    if chat_name is not None:
+        body = event["event"]
+        body["name"] = chat_name
+        body["i18n_names"] = dict.fromkeys(body["i18n_names"], chat_name)
     return event
 
 
@@ -575,13 +676,18 @@ class FakeCard:
         return _element_visible_text(element)
 
     @property
-    def text(self) -> str:
-        """What the card shows now: the text of its text-bearing elements, in order."""
+    def visible_lines(self) -> list[str]:
+        """The non-empty texts of its text-bearing elements: named ones in order, then the rest."""
         texts = [self.element_text(eid) for eid in self.element_order]
         unnamed = [
             _element_visible_text(e) for e in _walk_elements(self.spec) if not e.get("element_id")
         ]
-        return "\n".join(t for t in [*texts, *unnamed] if t)
+        return [t for t in [*texts, *unnamed] if t]
+
+    @property
+    def text(self) -> str:
+        """What the card shows now: the text of its text-bearing elements, in order."""
+        return "\n".join(self.visible_lines)
 
 
 @dataclass
@@ -611,6 +717,8 @@ class FakeMessage:
     content_history: list[str] = field(default_factory=list)
     reactions: dict[str, str] = field(default_factory=dict)
     """``reaction_id -> emoji_type``."""
+    mentions: list[JSONDict] = field(default_factory=list)
+    """Mentions in the API shape (``key``, ``id``, ``id_type``, ``name``, ``tenant_key``)."""
 
     def as_api_dict(self, app_id: str) -> JSONDict:
         """The ``im.v1`` message object shape returned by the API."""
@@ -633,7 +741,7 @@ class FakeMessage:
             "chat_id": self.chat_id,
             "sender": sender,
             "body": {"content": self.content},
-            "mentions": [],
+            "mentions": copy.deepcopy(self.mentions),
             "upper_message_id": "",
         }
 
@@ -703,9 +811,43 @@ def _post_text(post: Any) -> str:
     return "\n".join(lines)
 
 
-def _card_json_text(card: Any) -> str:
+def _card_json_lines(card: Any) -> list[str]:
     texts = [_element_visible_text(e) for e in _walk_elements(card)]
-    return "\n".join(t for t in texts if t)
+    return [t for t in texts if t]
+
+
+def _card_json_text(card: Any) -> str:
+    return "\n".join(_card_json_lines(card))
+
+
+def _card_title(card: JSONDict) -> str | None:
+    title = (card.get("header") or {}).get("title")
+    if isinstance(title, dict) and isinstance(title.get("content"), str):
+        return str(title["content"])
+    return None
+
+
+_UPGRADE_CLIENT_TEXT: Final = "请升级至最新版本客户端，以查看内容"
+
+
+def _flattened_card_content(card: JSONDict, lines: list[str], *, degrade: bool) -> str:
+    """The ``body.content`` GET/list answer for a card without ``card_msg_content_type``.
+
+    Feishu flattens cards into a post-like JSON: ``{"title": str | None, "elements":
+    [[{"tag": "text", "text": ...}], ...]}`` (one paragraph per text-bearing element here). With
+    ``degrade`` a schema 2.0 card answers the stub Feishu sends instead of CardKit cards'
+    text (seen in larksuite/oapi-sdk-python#95 and openclaw/openclaw#55466).
+    """
+    paragraphs: list[list[JSONDict]] = [[{"tag": "text", "text": line}] for line in lines]
+    if degrade and card.get("schema") == "2.0":
+        paragraphs = [
+            [
+                {"tag": "img", "image_key": "img_v3_fake_card_preview"},
+                {"tag": "text", "text": _UPGRADE_CLIENT_TEXT},
+                {"tag": "text", "text": ""},
+            ]
+        ]
+    return json.dumps({"title": _card_title(card), "elements": paragraphs}, ensure_ascii=False)
 
 
 def _load_json(raw: Any) -> Any:
@@ -829,6 +971,8 @@ class FakeFeishu(ServerLifecycle):
     ``(code, msg)`` answered by the endpoint discovery on bad credentials; the real code is not
     pinned by the SDK (any code but 0, 1 and 1000040343 is fatal for it, so the SDK behaves
     the same for 514 or 10014). The token endpoints answer bad secrets with ``10014``.
+    ``degrade_v2_cards`` makes ``GET``/list of a schema 2.0 card message answer Feishu's
+    "please upgrade your client" stub instead of the card's text (see the module docstring).
     """
 
     def __init__(
@@ -852,6 +996,7 @@ class FakeFeishu(ServerLifecycle):
         card_size_limit: int | None = 30 * 1024,
         enforce_streaming_mode: bool = True,
         ws_auth_error: tuple[int, str] = (514, "auth failed: invalid app_id or app_secret"),
+        degrade_v2_cards: bool = False,
     ) -> None:
         self.app_id = app_id
         self.app_secret = app_secret
@@ -873,6 +1018,7 @@ class FakeFeishu(ServerLifecycle):
         self.card_size_limit = card_size_limit
         self.enforce_streaming_mode = enforce_streaming_mode
         self.ws_auth_error = ws_auth_error
+        self.degrade_v2_cards = degrade_v2_cards
 
         self._notifier = _Notifier()
         self._lock = self._notifier.lock
@@ -1252,14 +1398,86 @@ class FakeFeishu(ServerLifecycle):
         with self._lock:
             self.resources[file_key] = (data, content_type)
 
+    def add_message(
+        self,
+        *,
+        text: str | None = None,
+        content: str | None = None,
+        msg_type: str = "text",
+        chat_id: str,
+        sender_open_id: str = SAMPLE_SENDER_OPEN_ID,
+        sender_type: Literal["user", "app"] = "user",
+        message_id: str | None = None,
+        root_id: str = "",
+        parent_id: str = "",
+    ) -> str:
+        """Put a message into the IM model (as if sent earlier) and return its id.
+
+        ``GET /im/v1/messages/:message_id`` then answers it: give it as the ``parent_id`` of a
+        delivered event to test "the user quoted another message". Pass either ``text`` (a
+        text message, content ``{"text": text}``) or ``content`` (the raw content JSON string
+        of ``msg_type``; an ``interactive`` ``{"type": "card", "data": {"card_id"}}`` links
+        the CardKit card). ``sender_type="app"`` makes it a message of this bot (its sender is
+        the app id; ``sender_open_id`` is then ignored). A new ``om_…`` id unless
+        ``message_id`` is given; an existing message with that id is replaced.
+        """
+        if text is not None and content is None:
+            if msg_type != "text":
+                raise ValueError(f"text= makes a text message, not msg_type={msg_type!r}")
+            content = json.dumps({"text": text}, ensure_ascii=False)
+        elif text is not None or content is None:
+            raise ValueError("add_message needs exactly one of text= or content=")
+        mid = message_id or new_message_id()
+        message = FakeMessage(
+            message_id=mid,
+            chat_id=chat_id,
+            msg_type=msg_type,
+            content=content,
+            sender_type=sender_type,
+            sender_id=self.app_id if sender_type == "app" else sender_open_id,
+            create_time=int(time.time() * 1000),
+            root_id=root_id,
+            parent_id=parent_id,
+            content_history=[content],
+        )
+        with self._lock:
+            if msg_type == "interactive":
+                parsed = _load_json(content)
+                if isinstance(parsed, dict) and parsed.get("type") == "card":
+                    card_id = str((parsed.get("data") or {}).get("card_id"))
+                    if card_id in self.cards:
+                        message.card_id = card_id
+                        self.cards[card_id].message_ids.append(mid)
+            self.messages[mid] = message
+        self._notifier.notify()
+        return mid
+
     # -- event delivery ----------------------------------------------------------------------
 
     def build_event(self, sample: str = "p2p_text", **kwargs: Any) -> JSONDict:
-        """:func:`build_message_event` with this fake's app id and bot identity."""
+        """:func:`build_message_event` with this fake's app id and bot identity.
+
+        The chat event samples (:data:`CHAT_EVENT_SAMPLE_NAMES`) go to
+        :meth:`build_p2p_chat_entered` / :meth:`build_bot_added` instead.
+        """
+        if sample == "p2p_chat_entered":
+            return self.build_p2p_chat_entered(**kwargs)
+        if sample == "bot_added":
+            return self.build_bot_added(**kwargs)
         kwargs.setdefault("app_id", self.app_id)
         kwargs.setdefault("bot_open_id", self.bot_open_id)
         kwargs.setdefault("bot_name", self.bot_name)
         return build_message_event(sample, **kwargs)
+
+    def build_p2p_chat_entered(self, **kwargs: Any) -> JSONDict:
+        """:func:`build_p2p_chat_entered_event` with this fake's app id."""
+        kwargs.setdefault("app_id", self.app_id)
+        return build_p2p_chat_entered_event(**kwargs)
+
+    def build_bot_added(self, **kwargs: Any) -> JSONDict:
+        """:func:`build_bot_added_event` with this fake's app id."""
+        kwargs.setdefault("app_id", self.app_id)
+        return build_bot_added_event(**kwargs)
 
     async def deliver(
         self,
@@ -1317,12 +1535,25 @@ class FakeFeishu(ServerLifecycle):
         return self._submit(self.deliver(event, **kwargs), timeout)
 
     def _record_inbound_message(self, event: JSONDict) -> None:
+        # Only message events carry ``event.message``: chat events (bot added, p2p chat
+        # entered, …) and anything else pass through without touching the IM model.
         body = event.get("event")
         message = body.get("message") if isinstance(body, dict) else None
         if not isinstance(message, dict) or not message.get("message_id"):
             return
         sender = (body or {}).get("sender") or {}
         sender_id = (sender.get("sender_id") or {}).get("open_id", "")
+        mentions = [
+            {
+                "key": str(m.get("key") or ""),
+                "id": str((m.get("id") or {}).get("open_id") or ""),
+                "id_type": "open_id",
+                "name": str(m.get("name") or ""),
+                "tenant_key": str(m.get("tenant_key") or ""),
+            }
+            for m in message.get("mentions") or []
+            if isinstance(m, dict)
+        ]
         mid = str(message["message_id"])
         self.messages[mid] = FakeMessage(
             message_id=mid,
@@ -1337,6 +1568,7 @@ class FakeFeishu(ServerLifecycle):
             parent_id=str(message.get("parent_id") or ""),
             thread_id=str(message.get("thread_id") or ""),
             content_history=[str(message.get("content") or "")],
+            mentions=mentions,
         )
 
     def _pick_connection(self, delivery: Delivery, reason: str) -> WsConnection | None:
@@ -1945,15 +2177,34 @@ class FakeFeishu(ServerLifecycle):
         message.deleted = True
         return _ok({})
 
+    def _read_item(self, message: FakeMessage, call: RestCall) -> JSONDict:
+        """``message`` as GET/list answer it: interactive content is not returned as sent."""
+        item = message.as_api_dict(self.app_id)
+        if message.msg_type != "interactive":
+            return item
+        card = self.cards.get(message.card_id) if message.card_id is not None else None
+        spec = card.spec if card is not None else _load_json(message.content)
+        if not isinstance(spec, dict):
+            return item
+        if call.query.get("card_msg_content_type") == "user_card_content":
+            item["body"]["content"] = json.dumps(spec, ensure_ascii=False)
+        else:
+            lines = card.visible_lines if card is not None else _card_json_lines(spec)
+            item["body"]["content"] = _flattened_card_content(
+                spec, lines, degrade=self.degrade_v2_cards
+            )
+        return item
+
     def _ep_message_get(self, call: RestCall) -> _Reply:
         message = self.messages.get(call.path_params["message_id"])
         if message is None:
-            return _error(CODE_INVALID_CONTENT, "message not found")
-        return _ok({"items": [message.as_api_dict(self.app_id)]})
+            # What Feishu answers for a recalled message; see the module docstring.
+            return _sample_error("message_recalled")
+        return _ok({"items": [self._read_item(message, call)]})
 
     def _ep_message_list(self, call: RestCall) -> _Reply:
         chat_id = call.query.get("container_id", "")
-        items = [m.as_api_dict(self.app_id) for m in self.messages.values() if m.chat_id == chat_id]
+        items = [self._read_item(m, call) for m in self.messages.values() if m.chat_id == chat_id]
         return _ok({"items": items, "has_more": False, "page_token": ""})
 
     def _ep_message_forward(self, call: RestCall) -> _Reply:
