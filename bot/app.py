@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.chat.access import AccessControl
@@ -18,6 +18,7 @@ from bot.llm.client import LLMClient
 from bot.llm.keypool import KeyPool
 from bot.llm.validation import KeyCheck, check_key
 from bot.logging import Redactor
+from bot.ops.metrics import Metrics
 from bot.store import Store, create_store, secret_key_from_env
 
 
@@ -30,6 +31,7 @@ class Core:
     llm: LLMClient
     service: ConversationService
     check_key: Callable[[str], Awaitable[KeyCheck]]
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def close(self) -> None:
         """Release the HTTP pool and the store."""
@@ -39,8 +41,16 @@ class Core:
             await self.store.close()
 
 
-async def build_core(settings: Settings, redactor: Redactor, *, cwd: Path | None = None) -> Core:
-    """Open the store, load the keys and wire the conversation service."""
+async def build_core(
+    settings: Settings,
+    redactor: Redactor,
+    *,
+    cwd: Path | None = None,
+    metrics: Metrics | None = None,
+) -> Core:
+    """Open the store, load the keys and wire the conversation service (counting into
+    ``metrics``, else into a private set nobody reads)."""
+    metrics = metrics or Metrics()
     secret_key = secret_key_from_env()  # BOT_SECRET_KEY: encrypts the stored API keys
     if secret_key is not None:
         redactor.add(secret_key)
@@ -55,7 +65,7 @@ async def build_core(settings: Settings, redactor: Redactor, *, cwd: Path | None
         )
         pool.on_secret = redactor.add  # every key the pool holds is masked in the logs
         await pool.load(settings.llm.keys)
-        llm = LLMClient(settings.llm, pool)
+        llm = LLMClient(settings.llm, pool, on_call=metrics.llm_call)
     except BaseException:
         await store.close()
         raise
@@ -72,4 +82,4 @@ async def build_core(settings: Settings, redactor: Redactor, *, cwd: Path | None
         access=AccessControl(settings.access, store),
         donations=settings.keys.accept_donations,
     )
-    return Core(store=store, pool=pool, llm=llm, service=service, check_key=check)
+    return Core(store=store, pool=pool, llm=llm, service=service, check_key=check, metrics=metrics)

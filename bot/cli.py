@@ -11,13 +11,18 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from bot import __version__, keys_cli
 from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
+from bot.doctor import command as doctor_cli
 from bot.errors import BotError, ConfigError, FeishuConnectError
 from bot.logging import Redactor, configure_logging
 from bot.signals import StopRequested
 from bot.store import SECRET_KEY_ENV, secret_key_from_env
+
+if TYPE_CHECKING:
+    from bot.chat.terminal import ChatConsole
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -102,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Feishu bot uses.",
             _chat,
         ),
-        (
-            "doctor",
-            "check configuration, store, LLM endpoint and Feishu credentials (not yet)",
-            "Check the setup step by step and say what to fix. Not available in this version.",
-            _not_available("doctor", "the streaming-robustness release"),
-        ),
+        ("doctor", doctor_cli.SUMMARY, doctor_cli.DESCRIPTION, doctor_cli.run),
         ("keys", keys_cli.SUMMARY, keys_cli.DESCRIPTION, _keys),
     ]
     for name, summary, description, handler in subcommands:
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
             keys_cli.configure_parser(
                 command, parents=[common_options(suppress_defaults=True)], epilog=_EPILOG
             )
+        if name == "doctor":
+            doctor_cli.configure_parser(command)
     return parser
 
 
@@ -158,7 +160,11 @@ def load(args: argparse.Namespace) -> tuple[Settings, Path]:
 
 
 def setup_logging(
-    args: argparse.Namespace, settings: Settings, *, default_level: str | None = None
+    args: argparse.Namespace,
+    settings: Settings,
+    *,
+    default_level: str | None = None,
+    stream: TextIO | None = None,
 ) -> Redactor:
     """Configure logging from the settings, with command-line overrides."""
     return configure_logging(
@@ -166,6 +172,7 @@ def setup_logging(
         json=settings.log.json_ if args.json_logs is None else args.json_logs,
         sdk_level=settings.log.sdk_level,
         secrets=settings.secrets(),
+        stream=stream,
     )
 
 
@@ -184,21 +191,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from bot.chat.terminal import ChatConsole
+
     settings, _ = load(args)
-    # The conversation is on stdout; only warnings and errors go to stderr unless asked.
-    redactor = setup_logging(args, settings, default_level="warning")
-    asyncio.run(_chat_session(settings, redactor))
+    # The conversation is on stdout; only warnings and errors go to stderr unless asked, and
+    # never into the middle of a `you>` or `bot>` line.
+    console = ChatConsole(sys.stdout, sys.stderr)
+    redactor = setup_logging(args, settings, default_level="warning", stream=console.log_stream)
+    asyncio.run(_chat_session(settings, redactor, console))
     return EXIT_OK
 
 
-async def _chat_session(settings: Settings, redactor: Redactor) -> None:
+async def _chat_session(settings: Settings, redactor: Redactor, console: ChatConsole) -> None:
     # Imported here: the core pulls in the OpenAI SDK, which `keys` and `--help` do not need.
     from bot.app import build_core
     from bot.chat.terminal import TerminalChat
 
     core = await build_core(settings, redactor)
     try:
-        await TerminalChat(core.service, model=settings.llm.model).run()
+        await TerminalChat(core.service, model=settings.llm.model, console=console).run()
     finally:
         await core.close()
 
@@ -211,15 +222,3 @@ def _keys(args: argparse.Namespace) -> int:
     if secret_key is not None:
         redactor.add(secret_key)
     return asyncio.run(keys_cli.run(args, settings, secret_key=secret_key, redactor=redactor))
-
-
-def _not_available(command: str, release: str) -> Command:
-    def handler(args: argparse.Namespace) -> int:
-        load(args)
-        print(
-            f"error: `{command}` is not available yet: it arrives with {release}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-
-    return handler

@@ -33,6 +33,8 @@ DEFAULT_CONFIG_PATH = Path("settings.yaml")
 CONFIG_ENV = "BOT_CONFIG"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+#: what is written under an answer: nothing, the model and the time, or tokens and key too
+FooterMode = Literal["off", "short", "full"]
 
 
 class _Section(BaseModel):
@@ -188,6 +190,7 @@ class ChatSettings(_Section):
     stream_update_ms: int = Field(default=300, ge=50, le=10_000)
     resume_within_minutes: float = Field(default=10, ge=0)
     history_retention_days: float = Field(default=90, ge=0)
+    footer: FooterMode = "short"
 
     @field_validator("personas")
     @classmethod
@@ -262,6 +265,53 @@ class StoreSettings(_Section):
         return path if path.is_absolute() else (cwd or Path.cwd()) / path
 
 
+_OPS_ADVICE = 'must be host:port on a loopback address, e.g. 127.0.0.1:9464, or "" (off)'
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``, checked to be on loopback; raise ValueError saying why."""
+    if "://" in value or "/" in value:
+        raise ValueError(f"{_OPS_ADVICE}, got {value!r}: write only host:port, without http://")
+    if value.startswith("["):
+        host, bracket, port_text = value[1:].partition("]:")
+        if not bracket:
+            raise ValueError(f"{_OPS_ADVICE}, got {value!r}: write an IPv6 address as [::1]:9464")
+    else:
+        host, colon, port_text = value.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"{_OPS_ADVICE}, got {value!r}: the port is missing")
+        if ":" in host:
+            raise ValueError(f"{_OPS_ADVICE}, got {value!r}: write an IPv6 address as [::1]:9464")
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{_OPS_ADVICE}, got {value!r}: the port must be a number from 1 to 65535")
+    host = host.lower()
+    if host not in _LOOPBACK_HOSTS:
+        raise ValueError(
+            f"{host!r} is not a loopback address: the health and metrics endpoints show the "
+            "bot's internals, so they listen only on 127.0.0.1, ::1 or localhost; to reach them "
+            "from elsewhere, put a reverse proxy (with authentication) in front"
+        )
+    return host, int(port_text)
+
+
+class OpsSettings(_Section):
+    """Operations: the optional health and metrics endpoints (off by default)."""
+
+    http: str = ""
+
+    @field_validator("http")
+    @classmethod
+    def _loopback_address(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            _split_host_port(value)
+        return value
+
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` to listen on, or None when the endpoints are off."""
+        return _split_host_port(self.http) if self.http else None
+
+
 class LogSettings(_Section):
     """Logging output."""
 
@@ -281,6 +331,7 @@ class Settings(_Section):
     access: AccessSettings = Field(default_factory=AccessSettings)
     keys: KeysSettings = Field(default_factory=KeysSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @model_validator(mode="after")

@@ -57,3 +57,7 @@ class StoreLocked(BotError):
     def __init__(self, message: str, *, holder: str) -> None:
         self.holder = holder
         super().__init__(message)
+
+
+class OpsServerError(BotError):
+    """The health and metrics endpoints cannot listen on ``ops.http`` (the port is in use)."""

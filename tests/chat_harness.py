@@ -16,6 +16,7 @@ from bot.config import Settings, parse_settings
 from bot.llm.client import LLMClient
 from bot.llm.keypool import KeyPool, key_id_of
 from bot.llm.validation import check_key
+from bot.ops.metrics import Metrics
 from bot.store import SQLiteStore
 
 KEY_A = "sk-test-key-a-000000000000000000000001"
@@ -94,12 +95,17 @@ def make_settings(base_url: str, keys: list[str], /, **sections: Any) -> Setting
 class ChatHarness:
     """Store + key pool + LLM client + service over the fake, with fake time."""
 
-    def __init__(self, settings: Settings, db_path: Path, time: FakeTime) -> None:
+    def __init__(
+        self, settings: Settings, db_path: Path, time: FakeTime, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.time = time
+        self.metrics = metrics or Metrics()
         self.store = SQLiteStore(db_path, clock=time)
         self.pool = KeyPool(self.store, clock=time, sleep=time.sleep, max_wait_s=30)
-        self.llm = LLMClient(settings.llm, self.pool, sleep=time.sleep)
+        self.llm = LLMClient(
+            settings.llm, self.pool, sleep=time.sleep, on_call=self.metrics.llm_call
+        )
         self.keys = KeyCommands(
             self.pool, functools.partial(check_key, settings.llm), settings, clock=time
         )

@@ -188,7 +188,8 @@ def make_world(tmp_path: Path, **settings: Any) -> Iterator[World]:
             "shutdown_grace_s": 5,
         },
         "llm": {"base_url": openai.base_url, "keys": [{"key": LLM_KEY}], "request_timeout_s": 10},
-        "chat": {"stream_update_ms": 50},
+        # The footer ("gpt-4o-mini · 0.3 s") varies with time: tests that want it turn it on.
+        "chat": {"stream_update_ms": 50, "footer": "off"},
         "store": {"url": "sqlite:///data/bot.db"},
     }
     for section, values in settings.items():

@@ -368,3 +368,68 @@ def test_models_and_access_lists_are_cleaned_and_checked() -> None:
         "access.daily_tokens_per_user:"
     )
     assert problems_of({"chat": {"max_input_chars": 0}})[0].startswith("chat.max_input_chars:")
+
+
+# ---- ops.http: loopback only ---------------------------------------------------------------
+
+
+def test_the_health_and_metrics_endpoints_are_off_by_default() -> None:
+    assert parse_settings({}).ops.http == ""
+    assert parse_settings({}).ops.address() is None
+
+
+@pytest.mark.parametrize(
+    ("written", "address"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("localhost:1", ("localhost", 1)),
+        ("LocalHost:65535", ("localhost", 65535)),
+        ("[::1]:9464", ("::1", 9464)),
+        (" 127.0.0.1:9464 ", ("127.0.0.1", 9464)),
+    ],
+)
+def test_ops_http_listens_on_a_loopback_address(written: str, address: tuple[str, int]) -> None:
+    assert parse_settings({"ops": {"http": written}}).ops.address() == address
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "[::]", "example.com", "127.0.0.2"])
+def test_ops_http_on_any_other_interface_is_refused_with_the_reason(host: str) -> None:
+    (problem,) = problems_of({"ops": {"http": f"{host}:9464"}})
+    shown = host.strip("[]")
+    assert problem == (
+        f"ops.http: {shown!r} is not a loopback address: the health and metrics endpoints show "
+        "the bot's internals, so they listen only on 127.0.0.1, ::1 or localhost; to reach them "
+        "from elsewhere, put a reverse proxy (with authentication) in front"
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "reason"),
+    [
+        ("127.0.0.1", "the port is missing"),
+        ("9464", "the port is missing"),
+        ("127.0.0.1:0", "the port must be a number from 1 to 65535"),
+        ("127.0.0.1:65536", "the port must be a number from 1 to 65535"),
+        ("127.0.0.1:http", "the port must be a number from 1 to 65535"),
+        ("127.0.0.1:９４６４", "the port must be a number from 1 to 65535"),
+        ("::1:9464", "write an IPv6 address as [::1]:9464"),
+        ("http://127.0.0.1:9464", "write only host:port, without http://"),
+    ],
+)
+def test_a_malformed_ops_http_says_what_to_write(written: str, reason: str) -> None:
+    (problem,) = problems_of({"ops": {"http": written}})
+    assert problem == (
+        'ops.http: must be host:port on a loopback address, e.g. 127.0.0.1:9464, or "" (off), '
+        f"got {written!r}: {reason}"
+    )
+
+
+# ---- chat.footer ---------------------------------------------------------------------------
+
+
+def test_the_answer_footer_is_short_by_default_and_may_be_full_or_off() -> None:
+    assert parse_settings({}).chat.footer == "short"
+    for mode in ("off", "short", "full"):
+        assert parse_settings({"chat": {"footer": mode}}).chat.footer == mode
+    (problem,) = problems_of({"chat": {"footer": "long"}})
+    assert problem.startswith("chat.footer: input should be 'off', 'short' or 'full'")

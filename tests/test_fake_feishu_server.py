@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import lark_oapi as lark
 import pytest
 from lark_oapi.api.cardkit.v1 import (
@@ -36,6 +37,7 @@ from lark_oapi.core.json import JSON
 from tests.fakes.feishu_server import (
     BOT_NAME,
     BOT_OPEN_ID,
+    DEFAULT_SCOPES,
     FEISHU_ERRORS,
     SAMPLE_SENDER_OPEN_ID,
     FakeFeishu,
@@ -901,3 +903,76 @@ def test_event_builder_makes_fresh_current_events_from_the_samples() -> None:
     assert plain["event"]["message"]["create_time"] == "1700000000000"
     assert plain["event"]["sender"]["sender_type"] == "app"
     assert build_message_event("p2p_text", mention_bot=False)["event"]["message"]["mentions"] == []
+
+
+# --------------------------------------------------------------------------------------------
+# Setup checks (what `doctor` asks): scopes, the bot feature, unknown apps, the WebSocket URL
+# --------------------------------------------------------------------------------------------
+
+
+async def test_granted_scopes_are_listed_as_the_sdk_reads_them() -> None:
+    from lark_oapi.api.application.v6 import ListScopeRequest
+
+    async with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}") as fs:
+        client = _sdk_client(fs)
+        listed = await asyncio.to_thread(
+            client.application.v6.scope.list, ListScopeRequest.builder().build()
+        )
+        assert listed.code == 0
+        assert {(s.scope_name, s.grant_status) for s in listed.data.scopes} == {
+            (name, 1) for name in DEFAULT_SCOPES
+        }
+
+        fs.set_scopes(["im:message"], not_granted=["cardkit:card:write"])
+        listed = await asyncio.to_thread(
+            client.application.v6.scope.list, ListScopeRequest.builder().build()
+        )
+        assert [(s.scope_name, s.grant_status, s.scope_type) for s in listed.data.scopes] == [
+            ("im:message", 1, "tenant"),
+            ("cardkit:card:write", 2, "tenant"),
+        ]
+
+
+async def test_bot_info_answers_11205_for_an_app_without_the_bot_feature() -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        token = (
+            await http.post(
+                "/open-apis/auth/v3/tenant_access_token/internal",
+                json={"app_id": fs.app_id, "app_secret": fs.app_secret},
+            )
+        ).json()["tenant_access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        assert (await http.get("/open-apis/bot/v3/info", headers=auth)).json()["bot"][
+            "activate_status"
+        ] == 2
+
+        fs.bot_enabled = False
+        answer = await http.get("/open-apis/bot/v3/info", headers=auth)
+        assert (answer.status_code, answer.json()) == (
+            400,
+            {"code": 11205, "msg": "app do not have bot"},
+        )
+
+
+async def test_unknown_app_ids_get_the_configured_answer() -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        body = {"app_id": "cli_someone_else", "app_secret": fs.app_secret}
+        path = "/open-apis/auth/v3/tenant_access_token/internal"
+        assert (await http.post(path, json=body)).json() == {
+            "code": 10003,
+            "msg": "app_id not found",
+        }
+        fs.unknown_app_error = (10014, "app id not exists")
+        assert (await http.post(path, json=body)).json() == {
+            "code": 10014,
+            "msg": "app id not exists",
+        }
+
+
+async def test_the_endpoint_discovery_can_hand_out_another_websocket_url() -> None:
+    async with FakeFeishu(ws_url="ws://127.0.0.1:9/ws") as fs, httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{fs.domain}/callback/ws/endpoint",
+            json={"AppID": fs.app_id, "AppSecret": fs.app_secret},
+        )
+        assert answer.json()["data"]["URL"].startswith("ws://127.0.0.1:9/ws?device_id=")

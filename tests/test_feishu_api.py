@@ -5,15 +5,18 @@ Real SDK client, fake Feishu over sockets; retry waits are recorded, not slept.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from bot.feishu import sdk_compat
 from bot.feishu.api import FeishuApi, FeishuApiError, read_answer
 from bot.feishu.token_keeper import TenantTokenKeeper
+from bot.feishu.transport import AiohttpTransport
 from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
 
 CARD = {"schema": "2.0", "body": {"elements": [{"tag": "markdown", "content": "hi"}]}}
@@ -43,17 +46,49 @@ async def keeper(fake: FakeFeishuThread) -> AsyncIterator[TenantTokenKeeper]:
         yield running
 
 
-def api_for(
-    fake: FakeFeishuThread, waits: Waits, *, domain: str | None = None, timeout_s: float = 5
-) -> FeishuApi:
-    fs = fake.fake
-    client = sdk_compat.build_client(
-        app_id=fs.app_id,
-        app_secret=fs.app_secret,
-        domain=domain or fake.domain,
-        timeout_s=timeout_s,
-    )
-    return FeishuApi(client, sleep=waits)
+ApiFactory = Callable[..., FeishuApi]
+
+
+@pytest.fixture(params=["aiohttp", "sdk"])
+async def api_for(request: pytest.FixtureRequest) -> AsyncIterator[ApiFactory]:
+    """Builds the API over the bot's aiohttp transport (with the SDK's cached tenant token, as
+    the gateway does) and over the SDK's own client: both must behave the same."""
+    made: list[FeishuApi] = []
+
+    def build(
+        fake: FakeFeishuThread,
+        waits: Waits,
+        *,
+        domain: str | None = None,
+        timeout_s: float = 5,
+        on_token_invalid: Callable[[], Awaitable[None]] | None = None,
+    ) -> FeishuApi:
+        fs = fake.fake
+        if request.param == "sdk":
+            client: Any = sdk_compat.build_client(
+                app_id=fs.app_id,
+                app_secret=fs.app_secret,
+                domain=domain or fake.domain,
+                timeout_s=timeout_s,
+            )
+        else:
+
+            async def no_refresh() -> None:
+                """The keeper fixture has put a token in the SDK's cache."""
+
+            client = AiohttpTransport(
+                domain or fake.domain,
+                token=lambda: sdk_compat.cached_tenant_token(fs.app_id),
+                refresh=no_refresh,
+                timeout_s=timeout_s,
+            )
+        api = FeishuApi(client, sleep=waits, on_token_invalid=on_token_invalid)
+        made.append(api)
+        return api
+
+    yield build
+    for api in made:
+        await api.aclose()
 
 
 @pytest.mark.usefixtures("keeper")
@@ -62,7 +97,7 @@ def api_for(
     [(500, 1), (502, 1), (503, 1), (504, 1)],
 )
 async def test_server_errors_are_retried_with_backoff(
-    fake: FakeFeishuThread, status: int, code: int
+    api_for: ApiFactory, fake: FakeFeishuThread, status: int, code: int
 ) -> None:
     waits = Waits()
     fake.fake.fail("card_create", code, "server trouble", http_status=status, times=2)
@@ -74,7 +109,9 @@ async def test_server_errors_are_retried_with_backoff(
 
 
 @pytest.mark.usefixtures("keeper")
-async def test_a_rate_limit_waits_for_feishus_reset_hint(fake: FakeFeishuThread) -> None:
+async def test_a_rate_limit_waits_for_feishus_reset_hint(
+    api_for: ApiFactory, fake: FakeFeishuThread
+) -> None:
     waits = Waits()
     fake.fake.fail("card_create", "rate_limited", times=1, headers={"x-ogw-ratelimit-reset": "3"})
     assert await api_for(fake, waits).create_card(CARD)
@@ -83,6 +120,7 @@ async def test_a_rate_limit_waits_for_feishus_reset_hint(fake: FakeFeishuThread)
 
 @pytest.mark.usefixtures("keeper")
 async def test_a_rate_limit_with_code_99991400_on_http_200_is_still_a_rate_limit(
+    api_for: ApiFactory,
     fake: FakeFeishuThread,
 ) -> None:
     waits = Waits()
@@ -92,7 +130,9 @@ async def test_a_rate_limit_with_code_99991400_on_http_200_is_still_a_rate_limit
 
 
 @pytest.mark.usefixtures("keeper")
-async def test_a_missing_scope_is_final_and_named(fake: FakeFeishuThread) -> None:
+async def test_a_missing_scope_is_final_and_named(
+    api_for: ApiFactory, fake: FakeFeishuThread
+) -> None:
     waits = Waits()
     fake.fake.fail("card_create", "no_permission_cardkit", times=None)
     with pytest.raises(FeishuApiError) as raised:
@@ -105,7 +145,9 @@ async def test_a_missing_scope_is_final_and_named(fake: FakeFeishuThread) -> Non
 
 @pytest.mark.usefixtures("keeper")
 @pytest.mark.parametrize("error", ["message_recalled", "patch_window_expired", "card_too_large"])
-async def test_final_feishu_errors_are_not_retried(fake: FakeFeishuThread, error: str) -> None:
+async def test_final_feishu_errors_are_not_retried(
+    api_for: ApiFactory, fake: FakeFeishuThread, error: str
+) -> None:
     waits = Waits()
     fake.fake.fail("card_create", error, times=None)
     with pytest.raises(FeishuApiError) as raised:
@@ -115,7 +157,7 @@ async def test_final_feishu_errors_are_not_retried(fake: FakeFeishuThread, error
 
 
 @pytest.mark.usefixtures("keeper")
-async def test_a_timeout_is_retried(fake: FakeFeishuThread) -> None:
+async def test_a_timeout_is_retried(api_for: ApiFactory, fake: FakeFeishuThread) -> None:
     waits = Waits()
     fake.fake.delay("card_create", 2.0, times=1)
     assert await api_for(fake, waits, timeout_s=0.5).create_card(CARD)
@@ -123,7 +165,9 @@ async def test_a_timeout_is_retried(fake: FakeFeishuThread) -> None:
 
 
 @pytest.mark.usefixtures("keeper")
-async def test_a_refused_connection_is_retried_then_reported(fake: FakeFeishuThread) -> None:
+async def test_a_refused_connection_is_retried_then_reported(
+    api_for: ApiFactory, fake: FakeFeishuThread
+) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # nothing listens there once the socket is closed
@@ -161,7 +205,7 @@ def test_a_successful_answer_gives_its_data() -> None:
 
 
 async def test_an_invalid_tenant_token_is_refreshed_and_the_call_retried(
-    fake: FakeFeishuThread, keeper: TenantTokenKeeper
+    api_for: ApiFactory, fake: FakeFeishuThread, keeper: TenantTokenKeeper
 ) -> None:
     refreshed: list[bool] = []
 
@@ -170,17 +214,16 @@ async def test_an_invalid_tenant_token_is_refreshed_and_the_call_retried(
         await keeper.refresh_now()
 
     fs = fake.fake
-    client = sdk_compat.build_client(
-        app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=5
-    )
-    api = FeishuApi(client, sleep=Waits(), on_token_invalid=refresh)
+    api = api_for(fake, Waits(), on_token_invalid=refresh)
     fs.revoke_tokens()
     assert await api.create_card(CARD)
     assert refreshed == [True]
 
 
 @pytest.mark.usefixtures("keeper")
-async def test_a_repeated_reply_uuid_returns_the_first_message(fake: FakeFeishuThread) -> None:
+async def test_a_repeated_reply_uuid_returns_the_first_message(
+    api_for: ApiFactory, fake: FakeFeishuThread
+) -> None:
     frame = fake.deliver("p2p_text", text="hello")
     message_id = fake.fake.delivery(frame).message_id or ""
     api = api_for(fake, Waits())
@@ -188,3 +231,51 @@ async def test_a_repeated_reply_uuid_returns_the_first_message(fake: FakeFeishuT
     again = await api.reply(message_id, "text", {"text": "once"}, in_thread=False, uuid="u-1")
     assert first == again
     assert fake.fake.reply_texts(message_id) == ["once"]
+
+
+@pytest.mark.usefixtures("keeper")
+async def test_the_aiohttp_transport_keeps_connections_alive_for_every_call_in_flight(
+    fake: FakeFeishuThread,
+) -> None:
+    fs = fake.fake
+
+    async def no_refresh() -> None:
+        """The keeper fixture has put a token in the SDK's cache."""
+
+    transport = AiohttpTransport(
+        fake.domain,
+        token=lambda: sdk_compat.cached_tenant_token(fs.app_id),
+        refresh=no_refresh,
+        timeout_s=5,
+    )
+    api = FeishuApi(transport, sleep=Waits())
+    try:
+        for _ in range(3):  # three waves of 30 calls at once
+            await asyncio.gather(*(api.create_card(CARD) for _ in range(30)))
+    finally:
+        await api.aclose()
+    calls = fs.calls_to("card_create")
+    assert len(calls) == 90
+    assert len({call.peer for call in calls}) <= 30  # later waves reuse the first one's
+
+
+async def test_without_a_token_the_transport_fetches_one_first(fake: FakeFeishuThread) -> None:
+    tokens: list[str] = []
+
+    async def refresh() -> None:
+        async with TenantTokenKeeper(fake.fake.app_id, fake.fake.app_secret, fake.domain) as k:
+            tokens.append(str(sdk_compat.cached_tenant_token(fake.fake.app_id)))
+            assert k
+
+    transport = AiohttpTransport(
+        fake.domain,
+        token=lambda: tokens[-1] if tokens else None,
+        refresh=refresh,
+        timeout_s=5,
+    )
+    api = FeishuApi(transport, sleep=Waits())
+    try:
+        assert await api.create_card(CARD)
+    finally:
+        await api.aclose()
+    assert len(tokens) == 1

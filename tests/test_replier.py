@@ -13,10 +13,11 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished
+from bot.chat.replies import AnswerInfo, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished
 from bot.feishu import sdk_compat
 from bot.feishu.api import FeishuApi
 from bot.feishu.replier import (
@@ -29,7 +30,9 @@ from bot.feishu.replier import (
     StreamedReply,
 )
 from bot.feishu.token_keeper import TenantTokenKeeper
+from bot.llm.events import TokenUsage
 from bot.logging import configure_logging
+from bot.ops.metrics import Metrics
 from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
 
 
@@ -40,7 +43,13 @@ class Setup:
     thread: FakeFeishuThread
     replier: CardReplier
     sleeps: list[float]
+    api: FeishuApi
     saved: list[str] = field(default_factory=list)
+
+    def use_replier(self, **options: Any) -> CardReplier:
+        """Replace the replier with one built with ``options`` (footer, clock, metrics…)."""
+        self.replier = CardReplier(self.api, update_interval_s=0.01, **options)
+        return self.replier
 
     @property
     def fs(self) -> FakeFeishu:
@@ -62,9 +71,15 @@ class Setup:
         events: AsyncIterator[ReplyEvent],
         record: DeliveryRecord | None = None,
         stop: asyncio.Event | None = None,
+        started_at: float | None = None,
     ) -> StreamedReply:
         return await self.replier.stream(
-            target, events, record=record or DeliveryRecord(), persist=self.persist, stop=stop
+            target,
+            events,
+            record=record or DeliveryRecord(),
+            persist=self.persist,
+            stop=stop,
+            started_at=started_at,
         )
 
     def card_text(self, target: ReplyTarget) -> str:
@@ -97,7 +112,7 @@ async def setup(fake: FakeFeishuThread) -> AsyncIterator[Setup]:
     )
     api = FeishuApi(client, sleep=no_wait)
     try:
-        yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps)
+        yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps, api)
     finally:
         await keeper.aclose()
 
@@ -326,7 +341,7 @@ async def test_cards_a_resumed_answer_no_longer_needs_are_closed_with_a_note(
     setup: Setup,
 ) -> None:
     target = setup.user_message()
-    setup.replier = CardReplier(setup.replier._api, update_interval_s=0.01, card_limit_bytes=40)
+    setup.use_replier(card_limit_bytes=40)
     record = DeliveryRecord()
     long_answer = "x" * 30 + "\n" + "y" * 30 + "\n" + "z" * 30
     await setup.stream(target, answer(long_answer), record)
@@ -362,3 +377,123 @@ async def test_a_broken_event_source_still_closes_the_card_politely(setup: Setup
 
 def test_moved_note_is_what_a_card_says_when_its_text_went_elsewhere() -> None:
     assert "separate message" in MOVED_NOTE
+
+
+# ---- the footer under an answer of the model -------------------------------------------------
+
+NOW = 1_764_000_000.0
+INFO = AnswerInfo("gpt-4o-mini", "1a2b3c4d5e6f", TokenUsage(640, 172))
+
+
+def fixed_clock() -> float:
+    return NOW
+
+
+async def command_reply(text: str) -> AsyncIterator[ReplyEvent]:
+    """What the service sends for a command: the whole text at once, nothing about a model."""
+    yield ReplyFinished(text)
+
+
+async def model_answer(
+    *parts: str, info: AnswerInfo = INFO, note: str | None = None, complete: bool = True
+) -> AsyncIterator[ReplyEvent]:
+    for part in parts:
+        yield ReplyDelta(part)
+    yield ReplyFinished("".join(parts), note=note, complete=complete, info=info)
+
+
+@pytest.mark.parametrize(
+    ("mode", "info", "footer"),
+    [
+        ("short", INFO, "\n\n_gpt-4o-mini · 3.2 s_"),
+        (
+            "full",
+            INFO,
+            "\n\n_gpt-4o-mini · 3.2 s · 812 tokens (640 in, 172 out) · key 1a2b3c4d5e6f_",
+        ),
+        (
+            "full",
+            AnswerInfo("gpt-4o-mini", "1a2b3c4d5e6f", None),
+            "\n\n_gpt-4o-mini · 3.2 s · key 1a2b3c4d5e6f_",
+        ),
+        ("off", INFO, ""),
+    ],
+    ids=["short", "full", "full-without-reported-usage", "off"],
+)
+async def test_an_answer_of_the_model_ends_with_a_small_footer_line_in_each_mode(
+    setup: Setup, mode: str, info: AnswerInfo, footer: str
+) -> None:
+    setup.use_replier(footer=mode, clock=fixed_clock)
+    target = setup.user_message()
+    await setup.stream(target, model_answer("Hello ", "there.", info=info), started_at=NOW - 3.2)
+    assert setup.card_text(target) == "Hello there." + footer
+
+
+async def test_the_footer_comes_after_the_notes(setup: Setup) -> None:
+    setup.use_replier(footer="short", clock=fixed_clock)
+    target = setup.user_message()
+    note = "(The answer reached the model's length limit. Ask me to continue.)"
+    events = model_answer("Half", note=note, complete=False)
+    result = await setup.stream(target, events, started_at=NOW - 12)
+    assert result.outcome == "interrupted"
+    assert setup.card_text(target) == f"Half\n\n_{note}_\n_gpt-4o-mini · 12.0 s_"
+
+
+async def test_command_replies_and_apologies_have_no_footer(setup: Setup) -> None:
+    setup.use_replier(footer="full", clock=fixed_clock)
+    command, failure = setup.user_message(), setup.user_message()
+    await setup.stream(command, command_reply("Done: I forgot our conversation."))
+
+    async def apology() -> AsyncIterator[ReplyEvent]:
+        yield ReplyFailed("Sorry, the model is not answering right now.", reason="test")
+
+    await setup.stream(failure, apology(), started_at=NOW - 1)
+    assert setup.card_text(command) == "Done: I forgot our conversation."
+    assert setup.card_text(failure) == "Sorry, the model is not answering right now."
+
+
+async def test_the_footer_is_on_the_last_card_of_a_long_answer_only(setup: Setup) -> None:
+    setup.use_replier(footer="short", clock=fixed_clock, card_limit_bytes=40)
+    target = setup.user_message()
+    record = DeliveryRecord()
+    long_answer = "x" * 30 + "\n" + "y" * 30
+    await setup.stream(target, model_answer(long_answer), record, started_at=NOW - 2)
+    first, last = (setup.fs.card(card.card_id).text for card in record.cards)
+    assert "gpt-4o-mini" not in first
+    assert last.endswith("\n\n_gpt-4o-mini · 2.0 s_")
+
+
+async def test_the_footer_shows_in_the_plain_card_and_text_fallbacks_too(setup: Setup) -> None:
+    setup.use_replier(footer="short", clock=fixed_clock)
+    setup.fs.fail("card_create", "no_permission_cardkit", times=1)
+    patched = setup.user_message()
+    await setup.stream(patched, model_answer("Patched."), started_at=NOW - 1)
+    (reply,) = setup.fs.replies_to(patched.message_id)
+    assert reply.card_id is None
+    assert setup.fs.message_text(reply.message_id) == "Patched.\n\n_gpt-4o-mini · 1.0 s_"
+
+    setup.use_replier(footer="short", clock=fixed_clock)
+    setup.fs.fail("card_create", 1, "internal error", http_status=503, times=None)
+    texted = setup.user_message()
+    await setup.stream(texted, model_answer("As text."), started_at=NOW - 1)
+    assert setup.fs.reply_texts(texted.message_id) == ["As text.\n\n_gpt-4o-mini · 1.0 s_"]
+
+
+async def test_the_first_text_of_an_answer_of_the_model_is_timed_once(setup: Setup) -> None:
+    metrics = Metrics()
+    setup.use_replier(metrics=metrics)
+    feed = Feed()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events()))
+    feed.put(ReplyDelta("first words"))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    feed.put(ReplyDelta(", more words"))
+    feed.put(ReplyFinished("first words, more words", info=INFO))
+    feed.put(None)
+    await asyncio.wait_for(streaming, 10)
+    first_text = "feishu_gpt_bot_first_text_seconds_count"
+    assert metrics.registry.get_sample_value(first_text) == 1
+
+    await setup.stream(setup.user_message(), command_reply("a command reply"))
+    await setup.stream(setup.user_message(), model_answer("short answer"))  # timed at its end
+    assert metrics.registry.get_sample_value(first_text) == 2

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,50 @@ async def test_the_running_bot_purges_expired_dedup_marks_and_old_turns(
     assert await store.purge_expired() == 0  # the housekeeping did it
     assert await store.is_seen("msg:fresh")
     assert [t.content for t in await store.load_turns("c")] == ["last week"]
+
+
+async def test_the_arrival_journal_does_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "bot.db")
+    await store.open()
+    busy = threading.Event()
+    release = threading.Event()
+
+    def hold_the_store_thread() -> None:
+        busy.set()
+        release.wait(10)
+
+    assert store._executor is not None
+    held = store._executor.submit(hold_the_store_thread)
+    try:
+        assert busy.wait(5)
+        # The store thread is busy (as under a burst of answers): the journal still writes.
+        assert store.record_arrival("om_1", '{"event": 1}', 1.0, timeout_s=2)
+    finally:
+        release.set()
+        held.result(5)
+    assert await store.arrivals() == [("om_1", '{"event": 1}')]
+    await store.close()
+    assert not store.record_arrival("om_2", "{}", 2.0, timeout_s=1)  # closed: nothing reopens
+
+
+async def test_the_journal_is_a_file_of_its_own_and_takes_over_older_entries(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bot.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # what an older version journaled
+        db.execute("INSERT INTO arrivals VALUES ('om_old', '{\"old\": 1}', 5.0)")
+        db.commit()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert store.journal_path == tmp_path / "bot.db.arrivals"
+        assert stat.S_IMODE(store.journal_path.stat().st_mode) == 0o600
+        assert store.record_arrival("om_new", "{}", 6.0, timeout_s=1)
+        assert await store.arrivals() == [("om_old", '{"old": 1}'), ("om_new", "{}")]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM arrivals").fetchone() == (0,)

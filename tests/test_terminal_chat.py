@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot.chat.service import ConversationService
+from bot.chat.terminal import ChatConsole, TerminalChat
+from bot.config import ChatSettings
+from bot.llm.events import Completed, StreamEvent, TextDelta
+from bot.logging import configure_logging
+from bot.store import SQLiteStore
 from tests.chat_harness import KEY_A
 from tests.fakes.openai_server import FakeOpenAI, FakeOpenAIThread
 from tests.helpers import BOT_COMMAND, bot_environment, run_bot, write_settings
@@ -136,3 +146,57 @@ def test_ctrl_c_cancels_the_current_answer_and_the_chat_goes_on(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ---- log lines and the conversation ---------------------------------------------------------
+
+
+class _Screen(io.StringIO):
+    """stdout and stderr of one terminal: both land here, in the order written."""
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _ChattyModel:
+    """Streams an answer and logs a warning in the middle of it."""
+
+    async def stream(self, messages: Any, **_: Any) -> AsyncIterator[StreamEvent]:
+        yield TextDelta("Packets ")
+        logging.getLogger("bot.llm.keypool").warning("key_cooling key_id=k1")
+        yield TextDelta("turn around.")
+        yield Completed(usage=None, key_id="k1", finish_reason="stop")
+
+
+async def test_a_log_line_never_lands_inside_the_bot_line(tmp_path: Path) -> None:
+    screen = _Screen()
+    console = ChatConsole(screen, screen)
+    configure_logging(level="warning", stream=console.log_stream)
+    store = SQLiteStore(tmp_path / "bot.db")
+    await store.open()
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, b"tell me about NAT\n")
+        os.close(write_fd)
+        service = ConversationService(store, _ChattyModel(), ChatSettings())
+        await TerminalChat(service, model="m", input_fd=read_fd, console=console).run()
+    finally:
+        os.close(read_fd)
+        await store.close()
+        configure_logging(level="warning")  # back to stderr for the tests after this one
+    lines = screen.getvalue().splitlines()
+    (warning,) = [line for line in lines if "key_cooling" in line]
+    assert warning.lstrip().startswith(("20", "[", "{"))  # the log line starts its own line
+    at = lines.index(warning)
+    assert lines[at - 1] == "bot> Packets "
+    assert lines[at + 1] == "bot> …turn around."
+
+
+def test_console_resumes_the_prompt_after_a_log_line() -> None:
+    screen = _Screen()
+    console = ChatConsole(screen, screen)
+    console.write("you> ", resume="you> ")
+    console.log_stream.write("a warning\n")
+    console.write("hello\n")
+    console.log_stream.write("between lines\n")
+    assert screen.getvalue() == "you> \na warning\nyou> hello\nbetween lines\n"

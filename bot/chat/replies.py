@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from bot.chat.ordering import Place
+from bot.config import FooterMode
+from bot.llm.events import TokenUsage
 from bot.store import SentMessage, Store, Turn, UsageRecord
 
 
@@ -39,17 +41,51 @@ class Exchange:
 
 
 @dataclass(frozen=True)
+class AnswerInfo:
+    """How the model produced an answer, for the footer under it (see :func:`footer_text`).
+
+    ``usage`` is what the provider reported, None when it did not (an estimate is never shown).
+    """
+
+    model: str
+    key_id: str
+    usage: TokenUsage | None = None
+
+
+@dataclass(frozen=True)
 class ReplyFinished:
     """The reply is over. ``text`` is the whole answer; ``note`` is shown after it.
 
     ``complete`` is False when the answer stopped early (then ``note`` says why). ``exchange``
-    is saved once the reply was delivered.
+    is saved once the reply was delivered. ``info`` is set only for an answer of the model (not
+    for command replies and other fixed texts): a transport may show it as a footer.
     """
 
     text: str
     note: str | None = None
     complete: bool = True
     exchange: Exchange = Exchange()
+    info: AnswerInfo | None = None
+
+
+def footer_text(info: AnswerInfo, mode: FooterMode, elapsed_s: float) -> str:
+    """The footer line of an answer: ``gpt-4o-mini · 3.2 s`` (``short``); ``full`` adds the
+    reported tokens and the key id: ``… · 812 tokens (640 in, 172 out) · key 1a2b3c4d5e6f``.
+    Empty for ``off``."""
+    if mode == "off":
+        return ""
+    parts = [info.model] if info.model else []
+    parts.append(f"{max(0.0, elapsed_s):.1f} s")
+    if mode == "full":
+        usage = info.usage
+        if usage is not None:
+            total = usage.prompt_tokens + usage.completion_tokens
+            parts.append(
+                f"{total:,} tokens ({usage.prompt_tokens:,} in, {usage.completion_tokens:,} out)"
+            )
+        if info.key_id:
+            parts.append(f"key {info.key_id}")
+    return " · ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from bot.chat.key_commands import GROUP_KEY_TEXT, KeyCommands
 from bot.chat.ordering import ConversationQueue, Place
 from bot.chat.personas import Persona, PersonaBook
 from bot.chat.replies import (
+    AnswerInfo,
     Exchange,
     Reply,
     ReplyDelta,
@@ -326,6 +327,7 @@ class ConversationService:
                         note=end_note,
                         complete=complete,
                         exchange=self._exchange(message, current, answer, usage, key_id, complete),
+                        info=AnswerInfo(model or "", key_id, event.usage),
                     )
                 else:
                     yield ReplyNotice(
@@ -351,6 +353,7 @@ class ConversationService:
                     key_id,
                     complete=False,
                 ),
+                info=AnswerInfo(model or "", key_id),
             )
         except AllKeysUnavailable as exc:
             bound.warning("reply_failed", reason=str(exc))

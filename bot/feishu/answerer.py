@@ -14,6 +14,10 @@ at the next start. On shutdown, queued answers are not started, running ones get
 
 In p2p chats, with ``chat.merge_burst_ms`` > 0, messages a user sends within that window are
 answered as one question (never across users: group messages are answered one by one).
+
+Every job that ends counts its messages as answered, by outcome, in the metrics; an answer of the
+model also records its latency from the message's acceptance (for a merged burst, the first
+message's; for an answer resumed after a restart, the time the job started) to its delivery.
 """
 
 from __future__ import annotations
@@ -27,12 +31,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bot.chat.access import REFUSAL_TEXT
-from bot.chat.replies import Reply
+from bot.chat.replies import Reply, ReplyFailed, ReplyFinished
 from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings
 from bot.feishu.messages import FeishuMessage, InboxPayloadError
-from bot.feishu.replier import CardReplier, DeliveryRecord, Persist, ReplyTarget
+from bot.feishu.replier import (
+    CardReplier,
+    DeliveryRecord,
+    Persist,
+    ReplyTarget,
+    StreamedReply,
+)
 from bot.logging import bind_context, get_logger
+from bot.ops.metrics import AnswerOutcome, Metrics
 from bot.store import InboxEntry, Store
 from bot.timing import Clock
 
@@ -61,8 +72,10 @@ class _Job:
 
     message: FeishuMessage
     record: DeliveryRecord
+    accepted_at: float  # when its (first) message was accepted, or the job of a resumed one began
     reply: Reply | None = None
     text: str = ""  # a fixed text to deliver instead of a reply from the service
+    kind: AnswerOutcome = "notice"  # what a fixed text is, for the metrics
     delayed: bool = False
     refused: bool = False  # a user not allowed: ``text`` is the refusal, sent once a day
     merged_ids: list[str] = field(default_factory=list)  # other messages this answer covers
@@ -89,12 +102,14 @@ class Answerer:
         replier: CardReplier,
         *,
         clock: Clock = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._service = service
         self._replier = replier
         self._clock = clock
+        self._metrics = metrics or Metrics()
         self._jobs: dict[asyncio.Task[None], _Job] = {}
         self._closing = False
         self._bursts: dict[str, _Burst] = {}
@@ -115,27 +130,30 @@ class Answerer:
             record = DeliveryRecord.from_json(entry.delivery)
             if record.answer is not None:
                 log.info("reply_redelivering", message_id=entry.message_id)
-                self._start(_Job(message, DeliveryRecord(), text=record.answer))
+                job = _Job(message, DeliveryRecord(), now, text=record.answer, kind="redelivered")
+                self._start(job)
             elif now - entry.received_at <= window:
                 log.info("message_resumed", message_id=entry.message_id)
-                self._start_answer(message, record, delayed=True)
+                self._start_answer(message, record, now, delayed=True)
             else:
                 log.info("message_expired", message_id=entry.message_id)
-                self._start(_Job(message, record, text=TOO_LATE_TEXT))
+                self._start(_Job(message, record, now, text=TOO_LATE_TEXT))
 
-    def dispatch(self, message: FeishuMessage) -> None:
-        """Answer a newly accepted message (merging a p2p burst first when configured)."""
+    def dispatch(self, message: FeishuMessage, *, accepted_at: float | None = None) -> None:
+        """Answer a newly accepted message (merging a p2p burst first when configured);
+        ``accepted_at`` is when it was accepted (default: now)."""
         if self._closing:
             log.info("message_kept_for_next_start", message_id=message.message_id)
             return
+        accepted = self._clock() if accepted_at is None else accepted_at
         merge_s = self._settings.chat.merge_burst_ms / 1000
         if merge_s > 0 and not message.in_group and message.kind == "text":
             burst = self._bursts.get(message.conversation_id)
             if burst is None:
-                burst = self._bursts[message.conversation_id] = _Burst()
+                burst = self._bursts[message.conversation_id] = _Burst(accepted)
             burst.add(message, merge_s, lambda: self._flush_burst(message.conversation_id))
             return
-        self._start_answer(message, DeliveryRecord(), delayed=False)
+        self._start_answer(message, DeliveryRecord(), accepted, delayed=False)
 
     def _flush_burst(self, conversation_id: str) -> None:
         burst = self._bursts.pop(conversation_id, None)
@@ -144,22 +162,28 @@ class Answerer:
         *earlier, last = burst.messages
         merged = dataclasses.replace(last, text="\n".join(m.text for m in burst.messages))
         job_ids = [m.message_id for m in earlier]
-        self._start_answer(merged, DeliveryRecord(), delayed=False, merged_ids=job_ids)
+        self._start_answer(
+            merged, DeliveryRecord(), burst.accepted_at, delayed=False, merged_ids=job_ids
+        )
 
     def _start_answer(
         self,
         message: FeishuMessage,
         record: DeliveryRecord,
+        accepted_at: float,
         *,
         delayed: bool,
         merged_ids: list[str] | None = None,
     ) -> None:
         if not self._service.access.allows(message.sender_ids, message.chat_id):
-            self._start(_Job(message, record, text=REFUSAL_TEXT, refused=True))
+            refusal = _Job(
+                message, record, accepted_at, text=REFUSAL_TEXT, kind="refused", refused=True
+            )
+            self._start(refusal)
             return
         if message.kind != "text":
             text = UNSUPPORTED_TEXT.format(what=message.describe_type())
-            self._start(_Job(message, record, text=text))
+            self._start(_Job(message, record, accepted_at, text=text))
             return
         # Taking the place in the conversation now keeps arrival order.
         reply = self._service.handle(
@@ -175,7 +199,10 @@ class Answerer:
                 quoted_is_root=message.quotes_thread_root,
             )
         )
-        self._start(_Job(message, record, reply, delayed=delayed, merged_ids=merged_ids or []))
+        job = _Job(
+            message, record, accepted_at, reply, delayed=delayed, merged_ids=merged_ids or []
+        )
+        self._start(job)
 
     def _start(self, job: _Job) -> None:
         task = asyncio.create_task(self._answer(job))
@@ -227,6 +254,7 @@ class Answerer:
                 )
                 if not told:
                     await self._store.complete_message(job.message_ids, (), None)
+                    self._count(job, "ignored")
                     return
             if job.reply is None:
                 result = await self._replier.send_text(
@@ -240,6 +268,7 @@ class Answerer:
                     persist=persist,
                     prefix=DELAYED_PREFIX if job.delayed else "",
                     stop=job.stop,
+                    started_at=job.accepted_at,
                 )
             if result.outcome == "cut_short":
                 log.info("reply_cut_short_kept", chars=len(result.text))
@@ -258,11 +287,13 @@ class Answerer:
                 # Feishu will never take it (the question was recalled…): forget the message,
                 # and keep no history of an exchange the user never saw.
                 await self._store.complete_message(job.message_ids, (), None)
+                self._count(job, "undeliverable")
                 return
             if job.reply is not None:
                 await job.reply.commit(job.message_ids, result.message_ids)
             else:
                 await self._store.complete_message(job.message_ids, (), None)
+            self._count(job, _outcome(job, result))
             log.info(
                 "reply_sent",
                 outcome=result.outcome,
@@ -274,6 +305,15 @@ class Answerer:
         finally:
             if job.reply is not None:
                 await job.reply.aclose()
+
+    def _count(self, job: _Job, outcome: AnswerOutcome) -> None:
+        """The job ended: count its messages; time it when it delivered an answer of the model."""
+        model_answer = outcome in ("complete", "interrupted")
+        self._metrics.message_answered(
+            outcome,
+            messages=len(job.message_ids),
+            seconds=self._clock() - job.accepted_at if model_answer else None,
+        )
 
     async def _redeliver(self, job: _Job, text: str, persist: Persist) -> Settled:
         """Offer an undelivered reply again, with backoff, while the bot runs."""
@@ -300,14 +340,27 @@ class Answerer:
         return "kept"
 
 
+def _outcome(job: _Job, result: StreamedReply) -> AnswerOutcome:
+    """What a delivered job's answer was."""
+    if job.reply is None:
+        return job.kind
+    final = job.reply.final
+    if result.outcome == "failed" or isinstance(final, ReplyFailed):
+        return "failed"
+    if isinstance(final, ReplyFinished) and final.info is not None:
+        return "complete" if result.outcome == "complete" else "interrupted"
+    return "command"
+
+
 async def _no_persist(record: DeliveryRecord) -> None:
     """Redelivered text replies need no record: their uuid makes them idempotent."""
 
 
 class _Burst:
-    """p2p messages waiting to be merged into one question."""
+    """p2p messages waiting to be merged into one question (``accepted_at``: the first's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, accepted_at: float) -> None:
+        self.accepted_at = accepted_at
         self.messages: list[FeishuMessage] = []
         self._timer: asyncio.TimerHandle | None = None
 

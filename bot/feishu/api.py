@@ -2,8 +2,8 @@
 
 The channel's helpers either swallow failures (its CardKit update queue only logs them), retry
 codes that are final, or report an unsent card as an empty message id. The answer path needs to
-know exactly what happened, so it calls the open platform through the SDK's own client
-(``lark_oapi.Client.arequest``: token handling, headers and transport stay the SDK's) and reads
+know exactly what happened, so it makes the calls itself, over a kept-alive aiohttp pool with the
+SDK's tenant token (or through the SDK's own client; see :mod:`bot.feishu.transport`), and reads
 every answer itself:
 
 - transient failures (5xx, timeouts, connection errors, unreadable bodies, HTTP 429 or code
@@ -33,6 +33,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from bot.feishu.transport import SdkTransport, Transport, TransportError
 from bot.logging import get_logger
 from bot.timing import Sleep
 
@@ -91,18 +92,19 @@ class FeishuApiError(Exception):
 
 
 class FeishuApi:
-    """The answer path's REST calls. ``client`` is the SDK's ``lark_oapi.Client``."""
+    """The answer path's REST calls, over a :class:`bot.feishu.transport.Transport` (or the
+    SDK's ``lark_oapi.Client``, used through :class:`bot.feishu.transport.SdkTransport`)."""
 
     def __init__(
         self,
-        client: Any,
+        client: Transport | Any,
         *,
         attempts: int = 4,
         max_backoff_s: float = 8.0,
         sleep: Sleep = asyncio.sleep,
         on_token_invalid: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._client = client
+        self._transport: Transport = SdkTransport(client) if hasattr(client, "arequest") else client
         self._attempts = attempts
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep
@@ -288,29 +290,17 @@ class FeishuApi:
         queries: Sequence[tuple[str, str]],
         body: Any,
     ) -> dict[str, Any]:
-        from lark_oapi.core.enum import AccessTokenType, HttpMethod
-        from lark_oapi.core.model import BaseRequest
-
-        request = BaseRequest()
-        request.http_method = HttpMethod[method]
-        request.uri = uri
-        request.paths = dict(paths)
-        request.queries = list(queries)
-        request.token_types = {AccessTokenType.TENANT}
-        request.body = body
         try:
-            response = await self._client.arequest(request)
-            raw = response.raw
-            status = int(getattr(raw, "status_code", 0) or 0)
-            headers = {str(k).lower(): str(v) for k, v in dict(raw.headers or {}).items()}
-            content = bytes(raw.content or b"")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # transport failures and bodies the SDK could not read
-            raise FeishuApiError(
-                what, code=-1, msg=f"{type(exc).__name__}: {exc}", retryable=True
-            ) from None
+            status, headers, content = await self._transport.request(
+                method, uri, paths, queries, body
+            )
+        except TransportError as exc:
+            raise FeishuApiError(what, code=-1, msg=str(exc), retryable=True) from None
         return read_answer(what, status, headers, content)
+
+    async def aclose(self) -> None:
+        """Release the transport's connections."""
+        await self._transport.aclose()
 
 
 def read_answer(

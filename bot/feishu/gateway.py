@@ -11,6 +11,10 @@ lookups are answered from memory (its default): the accept write is the real gat
 The tenant token is fetched and refreshed ahead of expiry on a worker thread
 (:class:`bot.feishu.token_keeper.TenantTokenKeeper`), so no REST call on any loop ever waits for
 the SDK's blocking token request.
+
+:attr:`FeishuGateway.connection` says whether the long connection is up (``connected``), being
+restored (``reconnecting``: the SDK reports both through the channel), not yet up
+(``connecting``) or closed (``stopped``); the health check reads it and the metrics count it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from bot.app import Core
 from bot.config import Settings
@@ -32,8 +36,10 @@ from bot.feishu.messages import FeishuMessage, from_inbound
 from bot.feishu.quotes import FeishuQuotes
 from bot.feishu.replier import CardReplier
 from bot.feishu.token_keeper import TenantTokenKeeper
+from bot.feishu.transport import AiohttpTransport
 from bot.feishu.welcome import Welcomer
 from bot.logging import adopt_sdk_logger, get_logger, quiet_sdk_shutdown
+from bot.ops.metrics import Metrics
 from bot.store import InboxEntry
 from bot.timing import Clock
 
@@ -47,6 +53,9 @@ REST_TIMEOUT_S = 10.0
 #: the longest the WebSocket thread waits for the arrival journal before acknowledging anyway
 ARRIVAL_TIMEOUT_S = 0.5
 
+#: the long connection's state, as the SDK reported it last
+ConnectionState = Literal["connecting", "connected", "reconnecting", "stopped"]
+
 
 class FeishuGateway:
     """Receives Feishu messages and hands them to the answer jobs."""
@@ -58,14 +67,18 @@ class FeishuGateway:
         *,
         clock: Clock = time.time,
         on_lost: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._core = core
         self._clock = clock
+        self._metrics = metrics or core.metrics
+        self.connection: ConnectionState = "connecting"
         self._loop = asyncio.get_running_loop()
         self._channel: Any = None
         self._ws_loop: asyncio.AbstractEventLoop | None = None
         self._http: http_pool.HttpxShim | None = None
+        self._transport: AiohttpTransport | None = None
         self._tokens: TenantTokenKeeper | None = None
         self._answerer: Answerer | None = None
         self._welcomer: Welcomer | None = None
@@ -75,7 +88,7 @@ class FeishuGateway:
         self._watchdog: asyncio.Task[None] | None = None
         self._left_over: list[InboxEntry] = []
         # New messages wait here until what a previous run left is dispatched (keeps order).
-        self._early: list[FeishuMessage] | None = []
+        self._early: list[tuple[FeishuMessage, float]] | None = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -94,13 +107,14 @@ class FeishuGateway:
         )
         await self._tokens.start()  # bad credentials end here, with one clear line
         self._channel = self._build_channel()
-        client = sdk_compat.build_client(
-            app_id=feishu.app_id,
-            app_secret=feishu.app_secret.get_secret_value(),
-            domain=feishu.domain,
+        app_id = feishu.app_id
+        self._transport = AiohttpTransport(
+            feishu.domain,
+            token=lambda: sdk_compat.cached_tenant_token(app_id),
+            refresh=self._tokens.refresh_now,
             timeout_s=REST_TIMEOUT_S,  # the channel's own client would wait forever
         )
-        api = FeishuApi(client, on_token_invalid=self._tokens.refresh_now)
+        api = FeishuApi(self._transport, on_token_invalid=self._tokens.refresh_now)
         self._core.pool.on_state_change = KeyNotices(
             api,
             self._settings.access.admins,
@@ -113,9 +127,19 @@ class FeishuGateway:
             self._core.service.access,
             donations=self._settings.keys.accept_donations,
         )
-        replier = CardReplier(api, update_interval_s=self._settings.chat.stream_update_ms / 1000)
+        replier = CardReplier(
+            api,
+            update_interval_s=self._settings.chat.stream_update_ms / 1000,
+            footer=self._settings.chat.footer,
+            metrics=self._metrics,
+        )
         self._answerer = Answerer(
-            self._settings, self._core.store, self._core.service, replier, clock=self._clock
+            self._settings,
+            self._core.store,
+            self._core.service,
+            replier,
+            clock=self._clock,
+            metrics=self._metrics,
         )
         from lark_oapi.channel import FeishuChannelError
 
@@ -124,6 +148,7 @@ class FeishuGateway:
         except FeishuChannelError as exc:
             await self._stop_channel()
             raise FeishuConnectError(self._describe_connect_error(exc)) from None
+        self._set_connection("connected")
         identity = self._channel.bot_identity
         log.info(
             "feishu_connected",
@@ -138,8 +163,8 @@ class FeishuGateway:
         left_over, self._left_over = self._left_over, []
         await self._answerer.resume(left_over)
         early, self._early = self._early or [], None
-        for message in early:
-            self._answerer.dispatch(message)
+        for message, accepted_at in early:
+            self._answerer.dispatch(message, accepted_at=accepted_at)
 
     async def stop(self) -> None:
         """Stop taking messages, let answers finish within the grace period, disconnect."""
@@ -156,6 +181,7 @@ class FeishuGateway:
         await self._stop_channel()
 
     async def _stop_channel(self) -> None:
+        self._set_connection("stopped")
         try:
             if self._channel is not None:
                 quiet_sdk_shutdown()
@@ -166,6 +192,8 @@ class FeishuGateway:
                 if self._http is not None:
                     await self._http.aclose()
         finally:
+            if self._transport is not None:
+                await self._transport.aclose()
             if self._tokens is not None:
                 await self._tokens.aclose()
 
@@ -266,6 +294,8 @@ class FeishuGateway:
             received_at=self._clock(),
         )
         accepted = await self._core.store.accept_message(entry, ACCEPT_TTL_S)
+        if accepted:
+            self._metrics.message_received()
         log.info(
             "message_accepted" if accepted else "message_duplicate",
             message_id=message.message_id,
@@ -274,15 +304,24 @@ class FeishuGateway:
             accepted_at=time.monotonic(),
         )
         if accepted:
-            self._loop.call_soon_threadsafe(self._dispatch_new, message)
+            self._loop.call_soon_threadsafe(self._dispatch_new, message, entry.received_at)
+
+    def _set_connection(self, state: ConnectionState) -> None:
+        self.connection = state
+        self._metrics.connection_up(state == "connected")
 
     def _reconnecting(self) -> None:
         log.warning("feishu_reconnecting")
+        if self.connection != "stopped":
+            self._metrics.connection_lost()
+            self._set_connection("reconnecting")
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._expect_reconnect())
 
     def _reconnected(self) -> None:
         log.info("feishu_reconnected")
+        if self.connection != "stopped":
+            self._set_connection("connected")
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -325,11 +364,11 @@ class FeishuGateway:
 
     # ---- answering (on the bot's loop) -------------------------------------------------------
 
-    def _dispatch_new(self, message: FeishuMessage) -> None:
+    def _dispatch_new(self, message: FeishuMessage, accepted_at: float) -> None:
         if self._early is not None:
-            self._early.append(message)
+            self._early.append((message, accepted_at))
         elif self._answerer is not None:
-            self._answerer.dispatch(message)
+            self._answerer.dispatch(message, accepted_at=accepted_at)
 
 
 async def _no_name_lookup(open_ids: list[str]) -> dict[str, Any]:

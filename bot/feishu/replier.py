@@ -22,6 +22,12 @@ Every card and message sent is recorded in a :class:`DeliveryRecord` (kept in th
 after a crash or restart the answer is regenerated *into the same cards* instead of a second
 reply; reply requests carry a ``uuid`` derived from the user's message, which Feishu uses to
 answer a repeated request with the message it already created.
+
+Under an answer of the model (a final event carrying :class:`AnswerInfo`) the last card ends
+with an italic footer line, after the notes (``chat.footer``: the model and the seconds since the
+message was accepted, in ``full`` also the reported tokens and the key id). It is a line of the
+answer's markdown element, so the card, patch and text ways all show it the same. The replier
+also times the first text of a model's answer that Feishu took (metrics: first-text latency).
 """
 
 from __future__ import annotations
@@ -35,15 +41,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
+from bot.chat.replies import (
+    AnswerInfo,
+    ReplyDelta,
+    ReplyEvent,
+    ReplyFailed,
+    ReplyFinished,
+    ReplyNotice,
+    footer_text,
+)
+from bot.config import FooterMode
 from bot.feishu.api import CODE_SEQUENCE_NOT_INCREASING, FeishuApi, FeishuApiError
 from bot.feishu.render import safe_markdown, safe_plain_text
 from bot.logging import get_logger
+from bot.ops.metrics import Metrics
 from bot.timing import Clock
 
 log = get_logger(__name__)
 
 Persist = Callable[["DeliveryRecord"], Awaitable[None]]
+#: the footer line of an answer, from what the service says about it
+Signature = Callable[[AnswerInfo], str]
 ReplyMode = Literal["cardkit", "patch", "text"]
 Outcome = Literal["complete", "interrupted", "failed", "cut_short"]
 
@@ -164,11 +182,15 @@ class CardReplier:
         update_interval_s: float,
         card_limit_bytes: int = CARD_TEXT_LIMIT_BYTES,
         clock: Clock = time.time,
+        footer: FooterMode = "short",
+        metrics: Metrics | None = None,
     ) -> None:
         self._api = api
         self._interval = update_interval_s
         self._limit = card_limit_bytes
         self._clock = clock
+        self._footer: FooterMode = footer
+        self._metrics = metrics or Metrics()
         self._unavailable: set[ReplyMode] = set()
         self._sequences: dict[str, int] = {}  # card id -> last sequence used in this process
 
@@ -183,14 +205,22 @@ class CardReplier:
         persist: Persist,
         prefix: str = "",
         stop: asyncio.Event | None = None,
+        started_at: float | None = None,
     ) -> StreamedReply:
         """Show ``events`` as the reply to ``target``; return how it went (never raises for
         Feishu failures: what could not be delivered is in the result).
 
         ``stop`` set while the answer is still coming cuts it short: what arrived is shown and
-        the card says the answer will be finished after the restart.
+        the card says the answer will be finished after the restart. ``started_at`` (this
+        replier's clock) is when the message was accepted, default now: the footer's seconds
+        and the first-text latency count from it.
         """
-        state = _AnswerState(prefix, self._limit)
+        started = self._clock() if started_at is None else started_at
+
+        def signature(info: AnswerInfo) -> str:
+            return footer_text(info, self._footer, self._clock() - started)
+
+        state = _AnswerState(prefix, self._limit, signature=signature, started=started)
         async with asyncio.TaskGroup() as group:
             group.create_task(_consume(events, state, stop))
             presenting = group.create_task(self._present(target, state, record, persist))
@@ -231,12 +261,13 @@ class CardReplier:
                 rest = state.rest_text()
                 try:
                     result.message_ids += await self._send_text_parts(target, rest, tag=str(index))
+                    self._time_first_text(state)
                 except FeishuApiError as exc:
                     log.warning("reply_text_failed", error=str(exc))
                     result.undelivered, result.permanent = rest, not exc.retryable
                 break
             text = await self._fill(card, state)
-            if not await self._finish(card, text, target, index, result):
+            if not await self._finish(card, text, target, index, result, state):
                 await state.finished.wait()
                 result.undelivered = state.rest_text()
                 break
@@ -340,9 +371,12 @@ class CardReplier:
                 return text
             wait = card.interval_s
             if text != shown and loop.time() >= paused_until:
+                answer_shown = state.first_text_due()
                 try:
                     await card.show(text)
                     shown = text
+                    if answer_shown:
+                        self._time_first_text(state)
                 except FeishuApiError as exc:
                     if exc.rate_limited:
                         wait = max(wait, exc.retry_after or 1.0)
@@ -353,23 +387,37 @@ class CardReplier:
             state.changed.set()  # look again: more text may have come meanwhile
 
     async def _finish(
-        self, card: _Card, text: str, target: ReplyTarget, index: int, result: StreamedReply
+        self,
+        card: _Card,
+        text: str,
+        target: ReplyTarget,
+        index: int,
+        result: StreamedReply,
+        state: _AnswerState,
     ) -> bool:
         """Close the card with ``text``; if that fails, send ``text`` as a follow-up message.
         False when even that failed (then ``result`` says what is undelivered)."""
         try:
             await card.finish(text)
+            self._time_first_text(state)
             return True
         except FeishuApiError as exc:
             log.warning("card_final_update_failed", error=str(exc))
         await card.close(MOVED_NOTE)
         try:
             result.message_ids += await self._send_text_parts(target, text, tag=f"{index}-moved")
+            self._time_first_text(state)
             return True
         except FeishuApiError as exc:
             log.warning("reply_text_failed", error=str(exc))
             result.permanent = not exc.retryable
             return False
+
+    def _time_first_text(self, state: _AnswerState) -> None:
+        """Text of the model's answer reached the user: time it, the first time."""
+        if state.first_text_due():
+            state.first_text_timed = True
+            self._metrics.first_text(self._clock() - state.started)
 
     async def _retire(self, cards: list[SentCard], target: ReplyTarget, persist: Persist) -> None:
         """Close cards an earlier run sent that the regenerated answer did not need."""
@@ -560,14 +608,29 @@ def _uuid(*parts: str) -> str:
 
 
 class _AnswerState:
-    """The answer so far, and which part of it the current card shows."""
+    """The answer so far, and which part of it the current card shows.
 
-    def __init__(self, prefix: str, limit_bytes: int) -> None:
+    ``footer`` holds the lines under the answer: its notes, then the ``signature`` line of an
+    answer of the model.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        limit_bytes: int,
+        *,
+        signature: Signature | None = None,
+        started: float = 0.0,
+    ) -> None:
         self.prefix = prefix
         self.limit = limit_bytes
+        self.signature = signature
+        self.started = started
         self.answer = ""
         self.notice = ""
         self.footer = ""
+        self.from_model = False  # deltas came, or the final event said so
+        self.first_text_timed = False
         self.outcome: Outcome = "complete"
         self.offset = 0  # answer characters shown on earlier cards
         self.split_at: int | None = None  # where the current card's part ends, once full
@@ -582,12 +645,17 @@ class _AnswerState:
     def apply(self, event: ReplyEvent) -> None:
         if isinstance(event, ReplyDelta):
             self.answer += event.text
+            self.from_model = True
         elif isinstance(event, ReplyNotice):
             self.notice = event.text
         elif isinstance(event, ReplyFinished):
             self.answer = event.text
-            notes = (event.note or "").splitlines()
-            self.footer = "\n".join(f"_{line}_" for line in notes if line.strip())
+            lines = [line for line in (event.note or "").splitlines() if line.strip()]
+            if event.info is not None:
+                self.from_model = True
+                if self.signature is not None:
+                    lines.append(self.signature(event.info))
+            self.footer = "\n".join(f"_{line}_" for line in lines if line)
             self.outcome = "complete" if event.complete else "interrupted"
         elif isinstance(event, ReplyFailed):
             self.fail(event.message)
@@ -598,6 +666,15 @@ class _AnswerState:
         self.footer = ""
         self.outcome = "failed"
         self.changed.set()
+
+    def first_text_due(self) -> bool:
+        """Whether the text shown now holds the model's answer, not yet timed."""
+        return (
+            self.from_model
+            and bool(self.answer)
+            and self.outcome != "failed"
+            and not self.first_text_timed
+        )
 
     def cut_short(self) -> None:
         self.footer = CUT_SHORT_NOTE

@@ -7,24 +7,32 @@ are re-checked at start and every ``keys.health_check_minutes``). Then serve unt
 SIGTERM (or until the connection is lost for longer than ``feishu.reconnect_timeout_s``: then
 exit 1), let answers in progress finish within ``feishu.shutdown_grace_s`` (what is cut short or
 still queued stays in the inbox for the next start), disconnect, close the store.
+
+With ``ops.http`` set, ``/healthz`` and ``/metrics`` (:mod:`bot.ops.http`) listen from before
+connecting (the health check says ``connecting`` until the connection is up) until the bot has
+disconnected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from bot import signals
-from bot.app import build_core
+from bot.app import Core, build_core
 from bot.config import Settings
 from bot.errors import FeishuConnectError, StoreError
 from bot.feishu.gateway import FeishuGateway
 from bot.llm.keypool import KeyPool
 from bot.llm.validation import KeyCheck
 from bot.logging import Redactor, get_logger
+from bot.ops.health import HealthChecks
+from bot.ops.http import OpsServer
+from bot.ops.metrics import Metrics
 from bot.store import Store
 from bot.store.lock import InstanceLock
 from bot.timing import Clock, Sleep
@@ -42,35 +50,64 @@ async def serve(settings: Settings, redactor: Redactor) -> None:
     StoreLocked if another bot uses the store."""
     stop = asyncio.Event()
     with signals.handling([signal.SIGINT, signal.SIGTERM], stop.set), _instance_lock(settings):
-        core = await build_core(settings, redactor)
+        core = await build_core(settings, redactor, metrics=Metrics())
         try:
             if not core.pool.keys():
                 log.warning("no_api_keys", hint="add llm.keys or OPENAI_API_KEYS")
             gateway = FeishuGateway(settings, core, on_lost=stop.set)
-            try:
-                await gateway.start()
-                async with asyncio.TaskGroup() as background:
-                    housekeeping = background.create_task(
-                        _housekeeping(core.store, settings.chat.history_retention_days)
-                    )
-                    health = background.create_task(
-                        keep_keys_checked(
-                            core.pool, core.check_key, settings.keys.health_check_minutes
-                        )
-                    )
-                    await gateway.resume_inbox()
-                    log.info("bot_ready", model=settings.llm.model)
-                    await stop.wait()
-                    log.info("bot_stopping")
-                    housekeeping.cancel()
-                    health.cancel()
-            finally:
-                await gateway.stop()
-            if gateway.lost_reason:
-                raise FeishuConnectError(gateway.lost_reason)
+            async with _ops_endpoints(settings, core, gateway):
+                await _serve(settings, core, gateway, stop)
         finally:
             await core.close()
     log.info("bot_stopped")
+
+
+async def _serve(
+    settings: Settings, core: Core, gateway: FeishuGateway, stop: asyncio.Event
+) -> None:
+    """Connect, answer until ``stop``, disconnect; raise FeishuConnectError if it was lost."""
+    try:
+        await gateway.start()
+        async with asyncio.TaskGroup() as background:
+            housekeeping = background.create_task(
+                _housekeeping(core.store, settings.chat.history_retention_days)
+            )
+            health = background.create_task(
+                keep_keys_checked(core.pool, core.check_key, settings.keys.health_check_minutes)
+            )
+            await gateway.resume_inbox()
+            log.info("bot_ready", model=settings.llm.model)
+            await stop.wait()
+            log.info("bot_stopping")
+            housekeeping.cancel()
+            health.cancel()
+    finally:
+        await gateway.stop()
+    if gateway.lost_reason:
+        raise FeishuConnectError(gateway.lost_reason)
+
+
+@contextlib.asynccontextmanager
+async def _ops_endpoints(
+    settings: Settings, core: Core, gateway: FeishuGateway
+) -> AsyncIterator[None]:
+    """``/healthz`` and ``/metrics`` while the bot runs, when ``ops.http`` is set; raise
+    OpsServerError when its address cannot be bound."""
+    address = settings.ops.address()
+    if address is None:
+        yield
+        return
+    health = HealthChecks(
+        connection=lambda: gateway.connection, store=core.store, keys=core.pool.keys
+    )
+    server = OpsServer(
+        *address, metrics=core.metrics, health=health, store=core.store, keys=core.pool.keys
+    )
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop()
 
 
 def _instance_lock(settings: Settings) -> InstanceLock:

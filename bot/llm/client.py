@@ -9,15 +9,18 @@ backs off with jitter; a rejected request (400/422) is not retried. Once text ha
 caller the request is never retried on another key: a broken stream ends with
 :class:`ReplyInterrupted`, and the failure still counts against the key as classified (an error
 event saying ``insufficient_quota`` mid-answer disables the key, a rate-limit event cools it).
+
+Every attempt that got a key ends in exactly one :data:`CallOutcome`, reported to ``on_call``
+(the metrics count it): ``ok`` when its answer ended normally, else the failure's class.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import openai
 from tenacity import (
@@ -43,10 +46,25 @@ from bot.llm.events import (
     bridge,
 )
 from bot.llm.keypool import KeyPool, Lease
+from bot.llm.sse import Chunk, RawChunkStream, parse_chunk
 from bot.logging import get_logger
 from bot.timing import Sleep
 
 log = get_logger(__name__)
+
+#: how one attempt at the endpoint ended, for the metrics
+CallOutcome = Literal[
+    "ok",
+    "rate_limited",
+    "auth",  # the key was refused (401, an auth code): disabled
+    "quota",  # the key's account has no quota or balance: disabled
+    "server_error",  # 5xx, 408, 409, an invalid response, an error event inside the stream
+    "timeout",
+    "connection_error",
+    "rejected",  # the request itself was refused (400, 404, 422): not retried
+]
+#: told the key id and outcome of every attempt that got a key
+CallObserver = Callable[[str, CallOutcome], None]
 
 
 class _Retryable(Exception):
@@ -64,16 +82,16 @@ class _OpenStream:
     """A request that produced its first text (or ended) and still holds its key."""
 
     lease: Lease
-    stream: Any
-    chunks: AsyncIterator[Any]
+    stream: RawChunkStream
+    chunks: AsyncIterator[Chunk]
     first_text: str = ""
     usage: TokenUsage | None = None
     finish_reason: str | None = None
     exhausted: bool = False
 
-    def absorb(self, chunk: Any) -> str:
+    def absorb(self, chunk: Chunk) -> str:
         """Take a chunk's usage and finish reason; return its text."""
-        text, usage, finish_reason = _parse_chunk(chunk)
+        text, usage, finish_reason = parse_chunk(chunk)
         self.usage = usage or self.usage
         self.finish_reason = finish_reason or self.finish_reason
         return text
@@ -90,10 +108,12 @@ class LLMClient:
         sleep: Sleep = asyncio.sleep,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 8.0,
+        on_call: CallObserver | None = None,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._sleep = sleep
+        self._on_call = on_call
         self._client = openai.AsyncOpenAI(
             base_url=settings.base_url,
             api_key="unused",  # every request sets its leased key
@@ -167,9 +187,9 @@ class LLMClient:
             options: dict[str, Any] = {}
             if self.include_usage:
                 options["stream_options"] = {"include_usage": True}
-            stream = await self._client.with_options(api_key=lease.secret).chat.completions.create(
-                **request, **options, stream=True
-            )
+            completions = self._client.with_options(api_key=lease.secret).chat.completions
+            manager = completions.with_streaming_response.create(**request, **options, stream=True)
+            stream = await RawChunkStream(manager).open()
             return await self._read_until_text(lease, stream)
         except BaseException as exc:
             if stream is not None:
@@ -191,8 +211,7 @@ class LLMClient:
 
     async def _penalize(self, lease: Lease, exc: Exception) -> Exception:
         """Apply an attempt's failure to its key; return what to raise (retryable or final)."""
-        classified = classify(exc)
-        await self._apply(lease, classified)
+        classified = await self._settle(lease, exc)
         if classified.outcome in (Outcome.RATE_LIMIT, Outcome.KEY_DEAD):
             return _Retryable(classified, switch=True, key=lease.masked)
         if classified.outcome is Outcome.TRANSIENT:
@@ -202,6 +221,17 @@ class LLMClient:
             self.include_usage = False
             return _Retryable(classified, switch=True, key=lease.masked)
         return RequestRejected(classified.reason, code=classified.code)
+
+    async def _settle(self, lease: Lease, exc: Exception) -> Classified:
+        """An attempt failed: classify it, report it and apply it to its key."""
+        classified = classify(exc)
+        self._report(lease, _call_outcome(exc, classified))
+        await self._apply(lease, classified)
+        return classified
+
+    def _report(self, lease: Lease, outcome: CallOutcome) -> None:
+        if self._on_call is not None:
+            self._on_call(lease.key_id, outcome)
 
     async def _apply(self, lease: Lease, classified: Classified) -> None:
         """What a failure does to the key: cool it, disable it, count it, or nothing (rejected)."""
@@ -247,8 +277,7 @@ class LLMClient:
         except Exception as exc:
             # Text was shown: the answer is never retried, but the key still pays for the failure
             # (an in-stream insufficient_quota disables it, a rate-limit event cools it).
-            classified = classify(exc)
-            await self._apply(lease, classified)
+            classified = await self._settle(lease, exc)
             log.warning(
                 "llm_stream_broken",
                 key=lease.masked,
@@ -261,27 +290,23 @@ class LLMClient:
             with contextlib.suppress(Exception):
                 await opened.stream.close()
             lease.release()
+        self._report(lease, "ok")
         await self._pool.report_success(lease.key_id)
         emit(Completed(usage=opened.usage, key_id=lease.key_id, finish_reason=opened.finish_reason))
 
 
-def _parse_chunk(chunk: Any) -> tuple[str, TokenUsage | None, str | None]:
-    text = ""
-    finish_reason: str | None = None
-    for choice in getattr(chunk, "choices", None) or []:
-        delta = getattr(choice, "delta", None)
-        content = getattr(delta, "content", None) if delta is not None else None
-        if content:
-            text += content
-        finish_reason = getattr(choice, "finish_reason", None) or finish_reason
-    usage = None
-    raw_usage = getattr(chunk, "usage", None)
-    if raw_usage is not None:
-        usage = TokenUsage(
-            prompt_tokens=int(getattr(raw_usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(raw_usage, "completion_tokens", 0) or 0),
-        )
-    return text, usage, finish_reason
+def _call_outcome(exc: Exception, classified: Classified) -> CallOutcome:
+    if isinstance(exc, openai.APITimeoutError):  # a subclass of APIConnectionError
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    if classified.outcome is Outcome.RATE_LIMIT:
+        return "rate_limited"
+    if classified.outcome is Outcome.KEY_DEAD:
+        return "quota" if classified.key_problem == "quota" else "auth"
+    if classified.outcome is Outcome.TRANSIENT:
+        return "server_error"
+    return "rejected"
 
 
 def _mentions_stream_options(exc: Exception) -> bool:

@@ -185,7 +185,8 @@ class Store(Protocol):
     ) -> bool:
         """Journal a raw event *synchronously* (called on the SDK's WebSocket thread before it
         acknowledges the event); at most ``timeout_s``; False when it could not be written.
-        :meth:`accept_message` removes the message's journal entry in its transaction."""
+        It must not wait behind the store's other work. Once the message is accepted
+        (:meth:`accept_message`), :meth:`arrivals` no longer lists it."""
 
     async def arrivals(self) -> list[tuple[str, str]]:
         """Journaled events that were never accepted, oldest first: ``(message_id, event)``."""

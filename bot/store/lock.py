@@ -130,7 +130,7 @@ def _describe_holder(fd: int) -> str:
 
 def _refusal(lock_path: Path, holder: str) -> str:
     store = lock_path.with_suffix("") if lock_path.suffix == ".lock" else lock_path
-    who = UNKNOWN_HOLDER if holder == UNKNOWN_HOLDER else f"another running bot ({holder})"
-    return (
-        f"the store {store} is in use by {who}: stop it first, or give this one its own store.url"
-    )
+    advice = "stop it first, or give this one its own store.url"
+    if holder == UNKNOWN_HOLDER:
+        return f"the store {store} is in use by {UNKNOWN_HOLDER}: {advice}"
+    return f"the store {store} is in use by another running bot ({holder}): {advice}"

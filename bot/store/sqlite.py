@@ -17,9 +17,9 @@ file (``VACUUM``) and empties the WAL, so no old plain copy is left behind in fr
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -207,6 +207,8 @@ class SQLiteStore:
         self._clock = clock
         self._cipher = cipher
         self._executor: ThreadPoolExecutor | None = None
+        self._journal: sqlite3.Connection | None = None  # the arrival journal's own connection
+        self._journal_lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -257,13 +259,50 @@ class SQLiteStore:
             self._migrate(connection)
             if self._cipher is not None:
                 self._seal_plain_keys(connection, self._cipher)
-        except sqlite3.Error as exc:
+            journal = self._open_journal(connection)
+        except (sqlite3.Error, OSError) as exc:
             connection.close()
             raise StoreError(f"cannot prepare the SQLite store at {self.path}: {exc}") from None
         except BaseException:
             connection.close()
             raise
         self._connection = connection
+        with self._journal_lock:
+            self._journal = journal
+
+    @property
+    def journal_path(self) -> Path:
+        """The arrival journal's own database file, next to the store's."""
+        return self.path.with_name(self.path.name + ".arrivals")
+
+    def _open_journal(self, main: sqlite3.Connection) -> sqlite3.Connection:
+        """Open (create, 0600) the arrival journal and move in what an older version journaled
+        in the main database."""
+        path = self.journal_path
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
+        journal = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            journal.execute("PRAGMA journal_mode=WAL")
+            journal.execute("PRAGMA synchronous=NORMAL")
+            journal.execute("PRAGMA busy_timeout=5000")
+            journal.execute(
+                "CREATE TABLE IF NOT EXISTS arrivals (message_id TEXT PRIMARY KEY,"
+                " event TEXT NOT NULL, received_at REAL NOT NULL)"
+            )
+            older = main.execute("SELECT message_id, event, received_at FROM arrivals").fetchall()
+            if older:
+                journal.executemany(
+                    "INSERT OR IGNORE INTO arrivals (message_id, event, received_at)"
+                    " VALUES (?, ?, ?)",
+                    [tuple(row) for row in older],
+                )
+                main.execute("DELETE FROM arrivals")
+        except BaseException:
+            journal.close()
+            raise
+        return journal
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
         version = int(connection.execute("PRAGMA user_version").fetchone()[0])
@@ -303,6 +342,10 @@ class SQLiteStore:
         log.info("keys_encrypted", count=len(plain), store=str(self.path))
 
     def _close_sync(self) -> None:
+        with self._journal_lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -445,7 +488,6 @@ class SQLiteStore:
             ).rowcount
             if fresh:
                 db.execute(_INSERT_INBOX, _inbox_row(entry))
-            db.execute("DELETE FROM arrivals WHERE message_id = ?", (entry.message_id,))
         return fresh > 0
 
     # ---- arrival journal -------------------------------------------------------------------
@@ -453,43 +495,72 @@ class SQLiteStore:
     def record_arrival(
         self, message_id: str, event: str, received_at: float, *, timeout_s: float
     ) -> bool:
-        """Blocking: journal a raw event before it is acknowledged; False if that timed out."""
-        executor = self._executor
-        if executor is None:
+        """Blocking: journal a raw event before it is acknowledged; False if that failed or
+        took longer than ``timeout_s``.
+
+        The journal is a database file of its own (``bot.db.arrivals``) with its own
+        connection, written on the calling thread (the SDK's WebSocket thread): an
+        acknowledgement never waits in the store thread's queue, nor for SQLite's write lock
+        on the main database, however many answers are being saved.
+        """
+        if not self._journal_lock.acquire(timeout=timeout_s):
             return False
-        future = executor.submit(
-            self._write,
-            "INSERT OR IGNORE INTO arrivals (message_id, event, received_at) VALUES (?, ?, ?)",
-            (message_id, event, received_at),
-        )
         try:
-            future.result(timeout=timeout_s)
-        except (concurrent.futures.TimeoutError, sqlite3.Error, StoreError):
+            if self._journal is None:  # not open, or closed
+                return False
+            self._journal.execute(
+                "INSERT OR IGNORE INTO arrivals (message_id, event, received_at) VALUES (?, ?, ?)",
+                (message_id, event, received_at),
+            )
+        except sqlite3.Error:
             return False
+        finally:
+            self._journal_lock.release()
         return True
 
     async def arrivals(self) -> list[tuple[str, str]]:
         """Journaled events never accepted, oldest first: ``(message_id, event)``."""
-        rows = await self._run(
-            self._read, "SELECT message_id, event FROM arrivals ORDER BY received_at, rowid"
-        )
-        return [(row["message_id"], row["event"]) for row in rows]
+        return await self._run(self._arrivals_sync)
+
+    def _arrivals_sync(self) -> list[tuple[str, str]]:
+        with self._journal_lock:
+            journal = self._journaled()
+            rows = journal.execute(
+                "SELECT message_id, event FROM arrivals ORDER BY received_at, rowid"
+            ).fetchall()
+            accepted = {
+                row[0]
+                for row in rows
+                if self._db()
+                .execute("SELECT 1 FROM processed WHERE key = ?", (f"accepted:{row[0]}",))
+                .fetchone()
+            }
+            journal.executemany(
+                "DELETE FROM arrivals WHERE message_id = ?", [(each,) for each in accepted]
+            )
+        return [(row[0], row[1]) for row in rows if row[0] not in accepted]
 
     async def forget_arrivals(self, message_ids: Sequence[str] = (), *, before: float = 0) -> int:
         """Drop journaled events by id, and those received before ``before``."""
 
         def forget() -> int:
-            with self._transaction("forget journaled events") as db:
-                removed = db.execute(
+            with self._journal_lock:
+                journal = self._journaled()
+                removed = journal.execute(
                     "DELETE FROM arrivals WHERE received_at < ?", (before,)
                 ).rowcount
                 for message_id in message_ids:
-                    removed += db.execute(
+                    removed += journal.execute(
                         "DELETE FROM arrivals WHERE message_id = ?", (message_id,)
                     ).rowcount
             return removed
 
         return await self._run(forget)
+
+    def _journaled(self) -> sqlite3.Connection:
+        if self._journal is None:
+            raise StoreError("the store is not open")
+        return self._journal
 
     async def inbox_add(self, entry: InboxEntry) -> None:
         """Record a message awaiting its answer (idempotent per message id)."""

@@ -28,6 +28,16 @@ What it speaks (as read from lark-oapi 1.7.5, ``lark_oapi/ws/client.py`` and ``c
   :attr:`FakeFeishu.acks`. Events that are not ACKed can be redelivered after a deadline and are
   replayed on the next connection when their connection drops. With several clients connected,
   each event goes to exactly one of them (round robin).
+* Setup checks (what ``python -m bot doctor`` asks): an unknown ``app_id`` answers
+  :attr:`FakeFeishu.unknown_app_error` (default ``10003``; real Feishu answers ``10014`` "app id
+  not exists" for a well-formed id it does not know and ``10003`` "invalid param" for a malformed
+  one), a wrong secret ``10014`` "app secret invalid". ``bot/v3/info`` answers ``11205`` "app do
+  not have bot" when :attr:`FakeFeishu.bot_enabled` is false, else the bot with
+  :attr:`FakeFeishu.bot_activate_status` (``2``: enabled in the tenant). ``GET
+  /open-apis/application/v6/scopes`` lists :attr:`FakeFeishu.scopes` (``scope_name ->
+  grant_status``, ``1`` granted, ``2`` not granted; default: every scope of
+  :data:`DEFAULT_SCOPES` granted). :attr:`FakeFeishu.ws_url` replaces the WebSocket URL the
+  endpoint discovery hands out (e.g. a closed port).
 * REST under ``/open-apis``: tenant/app access tokens, ``bot/v3/info``, contact ``users/batch``,
   IM messages (create / reply / patch / update / delete / get / resources / reactions / forward),
   images and files, chats, and CardKit cards (create / update / settings / batch_update /
@@ -81,7 +91,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -103,6 +113,7 @@ __all__ = [
     "CHAT_EVENT_SAMPLE_NAMES",
     "DEFAULT_APP_ID",
     "DEFAULT_APP_SECRET",
+    "DEFAULT_SCOPES",
     "ENDPOINTS",
     "FEISHU_ERRORS",
     "SAMPLE_NAMES",
@@ -150,6 +161,15 @@ BOT_OPEN_ID: Final = "ou_bot_open_id"
 BOT_NAME: Final = "GPT Bot"
 SAMPLE_SENDER_OPEN_ID: Final = "ou_7d8a6e6df7621556ce0d21922b676706"
 SAMPLE_TENANT_KEY: Final = "2ca1d211f64f6438"
+DEFAULT_SCOPES: Final = (
+    "im:message",
+    "im:message:send_as_bot",
+    "im:message.p2p_msg:readonly",
+    "im:message.group_at_msg:readonly",
+    "cardkit:card:write",
+    "contact:user.employee_id:readonly",
+)
+"""The scopes a well set up bot app has been granted (``application/v6/scopes``)."""
 
 # Wire constants of the long connection (lark_oapi/ws/const.py, ws/enum.py).
 _FRAME_CONTROL: Final = 0
@@ -165,6 +185,9 @@ CODE_CARD_NOT_FOUND: Final = 300301  # fake-chosen
 CODE_ELEMENT_NOT_FOUND: Final = 300302  # fake-chosen
 CODE_STREAMING_CLOSED: Final = 300309  # fake-chosen
 CODE_UNKNOWN_APP: Final = 10003
+CODE_NO_BOT: Final = 11205  # "app do not have bot" (bot/v3/info of an app without the bot feature)
+GRANTED: Final = 1
+NOT_GRANTED: Final = 2
 
 _TOKEN_ENDPOINTS: Final = frozenset({"tenant_token", "app_token"})
 _NO_AUTH_ENDPOINTS: Final = _TOKEN_ENDPOINTS | {"ws_endpoint", "ws_connect", "unknown"}
@@ -175,6 +198,7 @@ _ROUTE_TABLE: Final[tuple[tuple[str, str, str], ...]] = (
     ("POST", "/open-apis/auth/v3/tenant_access_token/internal", "tenant_token"),
     ("POST", "/open-apis/auth/v3/app_access_token/internal", "app_token"),
     ("GET", "/open-apis/bot/v3/info", "bot_info"),
+    ("GET", "/open-apis/application/v6/scopes", "application_scopes"),
     ("GET", "/open-apis/application/v6/applications/:app_id", "application_get"),
     ("GET", "/open-apis/contact/v3/users/batch", "contact_users_batch"),
     ("POST", "/open-apis/im/v1/messages", "message_create"),
@@ -973,6 +997,9 @@ class FakeFeishu(ServerLifecycle):
     the same for 514 or 10014). The token endpoints answer bad secrets with ``10014``.
     ``degrade_v2_cards`` makes ``GET``/list of a schema 2.0 card message answer Feishu's
     "please upgrade your client" stub instead of the card's text (see the module docstring).
+    ``unknown_app_error``, ``bot_enabled``, ``bot_activate_status``, ``scopes`` and ``ws_url``
+    model an app that is not fully set up, for the setup checks (see the module docstring);
+    all of them can also be changed on a running fake.
     """
 
     def __init__(
@@ -997,6 +1024,11 @@ class FakeFeishu(ServerLifecycle):
         enforce_streaming_mode: bool = True,
         ws_auth_error: tuple[int, str] = (514, "auth failed: invalid app_id or app_secret"),
         degrade_v2_cards: bool = False,
+        unknown_app_error: tuple[int, str] = (CODE_UNKNOWN_APP, "app_id not found"),
+        bot_enabled: bool = True,
+        bot_activate_status: int = 2,
+        scopes: Mapping[str, int] | None = None,
+        ws_url: str | None = None,
     ) -> None:
         self.app_id = app_id
         self.app_secret = app_secret
@@ -1019,6 +1051,18 @@ class FakeFeishu(ServerLifecycle):
         self.enforce_streaming_mode = enforce_streaming_mode
         self.ws_auth_error = ws_auth_error
         self.degrade_v2_cards = degrade_v2_cards
+        self.unknown_app_error = unknown_app_error
+        """``(code, msg)`` of the token endpoints for an ``app_id`` the fake does not know."""
+        self.bot_enabled = bot_enabled
+        """False: the app has no bot feature, ``bot/v3/info`` answers ``11205``."""
+        self.bot_activate_status = bot_activate_status
+        self.scopes: dict[str, int] = (
+            dict(scopes) if scopes is not None else dict.fromkeys(DEFAULT_SCOPES, GRANTED)
+        )
+        """``scope_name -> grant_status`` listed by ``application/v6/scopes`` (see
+        :meth:`set_scopes`)."""
+        self.ws_url = ws_url
+        """The WebSocket URL handed out by the endpoint discovery instead of the fake's own."""
 
         self._notifier = _Notifier()
         self._lock = self._notifier.lock
@@ -1385,6 +1429,14 @@ class FakeFeishu(ServerLifecycle):
         with self._lock:
             self.app_id = app_id
             self.app_secret = app_secret
+
+    def set_scopes(self, granted: Iterable[str], *, not_granted: Iterable[str] = ()) -> None:
+        """Make ``application/v6/scopes`` list exactly these scopes: ``granted`` with
+        ``grant_status`` 1, ``not_granted`` (requested, not approved yet) with 2."""
+        scopes = dict.fromkeys(granted, GRANTED)
+        scopes.update(dict.fromkeys(not_granted, NOT_GRANTED))
+        with self._lock:
+            self.scopes = scopes
 
     def add_user(self, open_id: str, name: str) -> None:
         """Make ``contact/v3/users/batch`` resolve ``open_id`` to ``name``."""
@@ -1947,15 +1999,14 @@ class FakeFeishu(ServerLifecycle):
         service_id = next(self._service_ids)
         ticket = uuid.uuid4().hex
         self._tickets[device_id] = (ticket, service_id)
-        url = (
-            f"ws://{self.host}:{self.port}/ws?device_id={device_id}"
-            f"&service_id={service_id}&ticket={ticket}"
-        )
+        base = self.ws_url or f"ws://{self.host}:{self.port}/ws"
+        url = f"{base}?device_id={device_id}&service_id={service_id}&ticket={ticket}"
         return _ok({"URL": url, "ClientConfig": dict(self.client_config)})
 
     def _check_app(self, body: JSONDict) -> _Reply | None:
         if body.get("app_id") != self.app_id:
-            return _Reply(body={"code": CODE_UNKNOWN_APP, "msg": "app_id not found"})
+            code, msg = self.unknown_app_error
+            return _Reply(body={"code": code, "msg": msg})
         if body.get("app_secret") != self.app_secret:
             return _sample_error("invalid_app_secret")
         return None
@@ -1981,14 +2032,23 @@ class FakeFeishu(ServerLifecycle):
         )
 
     def _ep_bot_info(self, call: RestCall) -> _Reply:
+        if not self.bot_enabled:
+            return _error(CODE_NO_BOT, "app do not have bot")
         bot = {
-            "activate_status": 2,
+            "activate_status": self.bot_activate_status,
             "app_name": self.bot_name,
             "avatar_url": "",
             "ip_white_list": [],
             "open_id": self.bot_open_id,
         }
         return _Reply(body={"code": 0, "msg": "ok", "bot": bot})
+
+    def _ep_application_scopes(self, call: RestCall) -> _Reply:
+        scopes = [
+            {"scope_name": name, "grant_status": status, "scope_type": "tenant"}
+            for name, status in self.scopes.items()
+        ]
+        return _ok({"scopes": scopes})
 
     def _ep_application_get(self, call: RestCall) -> _Reply:
         return _ok({"app": {"app_id": self.app_id, "app_name": self.bot_name}})

@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, health checks and the optional loopback HTTP endpoints."""

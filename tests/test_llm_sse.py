@@ -1,0 +1,134 @@
+"""Raw SSE reading of a streamed completion: the real openai SDK sends the request to the fake
+server, which answers with hand-written event streams; the chunks come back as dicts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+
+from bot.llm.events import TokenUsage
+from bot.llm.sse import Chunk, RawChunkStream, parse_chunk
+from tests.fakes.openai_server import FakeOpenAI, RawResponse, ResetAfter
+
+KEY = "sk-test-sse-000000000000000000000000000001"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as server:
+        yield server
+
+
+async def read(fake: FakeOpenAI) -> list[Chunk]:
+    client = openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0)
+    try:
+        manager = client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        stream = await RawChunkStream(manager).open()
+        try:
+            return [chunk async for chunk in stream]
+        finally:
+            await stream.close()
+    finally:
+        await client.close()
+
+
+def event_stream(*events: Any, done: bool = True, separator: str = "\n\n") -> RawResponse:
+    body = "".join(f"data: {json.dumps(e)}{separator}" for e in events)
+    if done:
+        body += "data: [DONE]\n\n"
+    return RawResponse(status=200, text=body, content_type="text/event-stream")
+
+
+def delta(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+async def test_the_fakes_own_stream_reads_as_text_usage_and_finish_reason(
+    fake: FakeOpenAI,
+) -> None:
+    fake.default.reply = "Hello there, streamed."
+    chunks = await read(fake)
+    parsed = [parse_chunk(chunk) for chunk in chunks]
+    assert "".join(text for text, _, _ in parsed) == "Hello there, streamed."
+    assert any(reason == "stop" for _, _, reason in parsed)
+
+
+async def test_comments_other_fields_and_multi_line_data_are_handled(fake: FakeOpenAI) -> None:
+    body = (
+        ": keep-alive\n\n"
+        "event: message\nid: 1\n"
+        f"data: {json.dumps(delta('a'))}\n\n"
+        'data: {"choices": [{"index": 0,\n'
+        'data:  "delta": {"content": "b"}}]}\n\n'
+        "data: [DONE]\n\n"
+        f"data: {json.dumps(delta('never'))}\n\n"
+    )
+    fake.enqueue(RawResponse(status=200, text=body, content_type="text/event-stream"))
+    chunks = await read(fake)
+    assert [parse_chunk(chunk)[0] for chunk in chunks] == ["a", "b"]
+
+
+async def test_a_stream_without_done_or_final_blank_line_still_ends(fake: FakeOpenAI) -> None:
+    body = f"data: {json.dumps(delta('x'))}\n\ndata: {json.dumps(delta('y', 'stop'))}"
+    fake.enqueue(RawResponse(status=200, text=body, content_type="text/event-stream"))
+    chunks = await read(fake)
+    assert [parse_chunk(chunk) for chunk in chunks] == [("x", None, None), ("y", None, "stop")]
+
+
+async def test_usage_is_read_from_the_last_chunk(fake: FakeOpenAI) -> None:
+    usage = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
+    fake.enqueue(event_stream(delta("hi", "stop"), usage))
+    chunks = await read(fake)
+    assert parse_chunk(chunks[-1]) == ("", TokenUsage(12, 3), None)
+
+
+async def test_an_error_event_is_the_sdks_api_error_with_its_body(fake: FakeOpenAI) -> None:
+    error = {"message": "You exceeded your current quota", "type": "insufficient_quota"}
+    fake.enqueue(event_stream(delta("partial"), {"error": error}))
+    with pytest.raises(openai.APIError) as raised:
+        await read(fake)
+    assert raised.value.body == error
+    assert str(raised.value) == "You exceeded your current quota"
+
+
+@pytest.mark.parametrize("event", ["not json at all", "[1, 2, 3]"])
+async def test_an_unreadable_event_is_an_api_error(fake: FakeOpenAI, event: str) -> None:
+    body = f"data: {json.dumps(delta('a'))}\n\ndata: {event}\n\n"
+    fake.enqueue(RawResponse(status=200, text=body, content_type="text/event-stream"))
+    with pytest.raises(openai.APIError, match="the model endpoint sent"):
+        await read(fake)
+
+
+async def test_an_error_status_is_raised_by_the_sdk_before_any_chunk(fake: FakeOpenAI) -> None:
+    fake.enqueue(RawResponse(status=401, text='{"error": {"message": "bad key"}}'))
+    with pytest.raises(openai.AuthenticationError):
+        await read(fake)
+
+
+async def test_a_connection_cut_mid_stream_is_a_connection_error(fake: FakeOpenAI) -> None:
+    fake.default.reply = "a long answer " * 50
+    fake.default.chunk_size = 5
+    fake.enqueue(ResetAfter(3))
+    with pytest.raises(openai.APIConnectionError):
+        await read(fake)
+
+
+def test_odd_chunks_parse_to_nothing_rather_than_failing() -> None:
+    assert parse_chunk({}) == ("", None, None)
+    assert parse_chunk({"choices": "nope", "usage": "nope"}) == ("", None, None)
+    assert parse_chunk({"choices": [None, {"delta": None, "finish_reason": ""}]}) == (
+        "",
+        None,
+        None,
+    )
+    assert parse_chunk({"usage": {"prompt_tokens": True, "completion_tokens": -5}}) == (
+        "",
+        TokenUsage(0, 0),
+        None,
+    )
