@@ -4,7 +4,6 @@ fake Feishu, and what the user is told when one cannot be read."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,22 +11,15 @@ from typing import Any
 import pytest
 
 from bot.chat.service import QuoteUnavailable
-from bot.feishu import sdk_compat
-from bot.feishu.api import FeishuApi
 from bot.feishu.quotes import FeishuQuotes, message_text
-from bot.feishu.token_keeper import TenantTokenKeeper
 from bot.store import SentMessage, SQLiteStore
-from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
-
-
-async def _no_wait(seconds: float) -> None:
-    """Retry waits are not slept."""
+from tests.fakes.feishu_server import FakeFeishuThread
+from tests.feishu_clients import feishu_api, running_fake_feishu
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeFeishuThread]:
-    app = FakeFeishu(app_id=f"cli_quotes_{uuid.uuid4().hex[:12]}")
-    with app.run_in_thread() as running:
+    with running_fake_feishu("quotes") as running:
         yield running
 
 
@@ -41,12 +33,8 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 @pytest.fixture
 async def quotes(fake: FakeFeishuThread, store: SQLiteStore) -> AsyncIterator[FeishuQuotes]:
-    fs = fake.fake
-    async with TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain):
-        client = sdk_compat.build_client(
-            app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=5
-        )
-        yield FeishuQuotes(FeishuApi(client, sleep=_no_wait), store)
+    async with feishu_api(fake) as api:
+        yield FeishuQuotes(api, store)
 
 
 def item(msg_type: str, content: Any, **extra: Any) -> dict[str, Any]:
@@ -136,14 +124,11 @@ async def test_a_quote_that_times_out_is_given_up(
     fake: FakeFeishuThread, store: SQLiteStore, quotes: FeishuQuotes
 ) -> None:
     fs = fake.fake
-    client = sdk_compat.build_client(
-        app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=0.2
-    )
-    impatient = FeishuQuotes(FeishuApi(client, attempts=2, sleep=_no_wait), store)
     message_id = fs.add_message(text="slow", chat_id="oc_team")
     fs.delay("message_get", 2.0, times=None)
-    with pytest.raises(QuoteUnavailable, match="did not return it"):
-        await impatient.quoted_text(message_id)
+    async with feishu_api(fake, timeout_s=0.2, attempts=2) as api:
+        with pytest.raises(QuoteUnavailable, match="did not return it"):
+            await FeishuQuotes(api, store).quoted_text(message_id)
     assert len(fs.calls_to("message_get")) == 2
 
 
@@ -151,15 +136,9 @@ async def test_a_quote_that_times_out_is_given_up(
 async def test_a_card_of_the_bot_the_store_does_not_know_is_read_as_card_json(
     store: SQLiteStore, degrade_v2_cards: bool
 ) -> None:
-    app = FakeFeishu(
-        app_id=f"cli_quotes_{uuid.uuid4().hex[:12]}", degrade_v2_cards=degrade_v2_cards
-    )
-    with app.run_in_thread() as running:
-        async with TenantTokenKeeper(app.app_id, app.app_secret, running.domain):
-            client = sdk_compat.build_client(
-                app_id=app.app_id, app_secret=app.app_secret, domain=running.domain, timeout_s=5
-            )
-            api = FeishuApi(client, sleep=_no_wait)
+    with running_fake_feishu("quotes", degrade_v2_cards=degrade_v2_cards) as running:
+        app = running.fake
+        async with feishu_api(running) as api:
             card = {
                 "schema": "2.0",
                 "body": {"elements": [{"tag": "markdown", "content": "An **old** answer."}]},

@@ -171,7 +171,7 @@ async def test_load_recent_turns_does_not_read_a_long_history_in_full(
 ) -> None:
     history = [turn("long", "user", f"m{index:05}", index, tokens=10) for index in range(10_000)]
     await store.complete_message([], history, None)
-    connection = store._db()
+    connection = store._reader_db()  # reads run on the reader connection
     steps = 0
 
     def count_step() -> int:

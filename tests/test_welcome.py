@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,22 +10,16 @@ import structlog
 
 from bot.chat.access import AccessControl
 from bot.config import AccessSettings
-from bot.feishu import sdk_compat
 from bot.feishu.api import FeishuApi
-from bot.feishu.token_keeper import TenantTokenKeeper
 from bot.feishu.welcome import Welcomer, welcome_text
 from bot.store import SQLiteStore
-from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
-
-
-async def _no_wait(seconds: float) -> None:
-    """Retry waits are not slept."""
+from tests.fakes.feishu_server import FakeFeishuThread
+from tests.feishu_clients import feishu_api, running_fake_feishu
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeFeishuThread]:
-    app = FakeFeishu(app_id=f"cli_welcome_{uuid.uuid4().hex[:12]}")
-    with app.run_in_thread() as running:
+    with running_fake_feishu("welcome") as running:
         yield running
 
 
@@ -40,12 +33,8 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 @pytest.fixture
 async def api(fake: FakeFeishuThread) -> AsyncIterator[FeishuApi]:
-    fs = fake.fake
-    async with TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain):
-        client = sdk_compat.build_client(
-            app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=5
-        )
-        yield FeishuApi(client, sleep=_no_wait)
+    async with feishu_api(fake) as api:
+        yield api
 
 
 def welcomer(api: FeishuApi, store: SQLiteStore, *, allow: list[str] | None = None) -> Welcomer:

@@ -208,6 +208,11 @@ class SQLiteStore:
         self._cipher = cipher
         self._executor: ThreadPoolExecutor | None = None
         self._journal: sqlite3.Connection | None = None  # the arrival journal's own connection
+        # Reads run on a thread and connection of their own (WAL lets them read while the
+        # store thread writes), so the writes of a burst of answers do not queue behind them.
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_connection: sqlite3.Connection | None = None
+        self._on_reader = threading.local()
         self._journal_lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
 
@@ -228,9 +233,16 @@ class SQLiteStore:
             self._executor.shutdown(wait=True)
             self._executor = None
             raise
+        self._reader = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sqlite-read", initializer=self._start_reader
+        )
 
     async def close(self) -> None:
-        """Close the connection and stop the store's thread."""
+        """Close the connections and stop the store's threads."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await asyncio.get_running_loop().run_in_executor(reader, self._close_reader)
+            reader.shutdown(wait=True)
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -350,6 +362,21 @@ class SQLiteStore:
             self._connection.close()
             self._connection = None
 
+    def _start_reader(self) -> None:
+        self._on_reader.active = True
+
+    def _close_reader(self) -> None:
+        if self._reader_connection is not None:
+            self._reader_connection.close()
+            self._reader_connection = None
+
+    async def _run_read(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a function that only reads, on the reader thread (its ``_db()`` reads there)."""
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, function, *args)
+
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise StoreError("the store is not open")
@@ -357,9 +384,25 @@ class SQLiteStore:
         return await loop.run_in_executor(self._executor, function, *args)
 
     def _db(self) -> sqlite3.Connection:
+        if getattr(self._on_reader, "active", False):
+            return self._reader_db()
         if self._connection is None:
             raise StoreError("the store is not open")
         return self._connection
+
+    def _reader_db(self) -> sqlite3.Connection:
+        """The reader thread's connection, opened on first use."""
+        if self._reader_connection is None:
+            try:
+                connection = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+                connection.row_factory = sqlite3.Row
+                connection.execute("PRAGMA busy_timeout=5000")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the SQLite store at {self.path}: {exc}") from None
+            self._reader_connection = connection
+        return self._reader_connection
 
     def _write(self, sql: str, parameters: tuple[Any, ...] = ()) -> int:
         cursor = self._db().execute(sql, parameters)
@@ -394,7 +437,7 @@ class SQLiteStore:
 
     async def load_turns(self, conversation_id: str) -> list[Turn]:
         """All turns of a conversation, oldest first."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             f"SELECT {_TURN_COLUMNS} FROM turns WHERE conversation_id = ? ORDER BY id",  # noqa: S608
             (conversation_id,),
@@ -403,7 +446,7 @@ class SQLiteStore:
 
     async def load_recent_turns(self, conversation_id: str, max_tokens: int) -> list[Turn]:
         """The newest turns that fit ``max_tokens``, oldest first; reads no further back."""
-        return await self._run(self._recent_sync, conversation_id, max_tokens)
+        return await self._run_read(self._recent_sync, conversation_id, max_tokens)
 
     def _recent_sync(self, conversation_id: str, max_tokens: int) -> list[Turn]:
         # Walks the (conversation_id, id) index backwards a page at a time: the cursor steps
@@ -459,7 +502,7 @@ class SQLiteStore:
 
     async def is_seen(self, key: str) -> bool:
         """Whether ``key`` is recorded and not expired."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             "SELECT 1 FROM processed WHERE key = ? AND expires_at > ?",
             (key, self._clock()),
@@ -572,7 +615,7 @@ class SQLiteStore:
 
     async def inbox_list(self) -> list[InboxEntry]:
         """Every message still awaiting an answer, oldest first, with its ``delivery``."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             "SELECT message_id, conversation_id, payload, received_at, delivery FROM inbox"
             " ORDER BY received_at, rowid",
@@ -653,7 +696,7 @@ class SQLiteStore:
 
     async def find_sent(self, message_id: str) -> SentMessage | None:
         """The bot's own message with this id, or None when it is not recorded."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             "SELECT message_id, conversation_id, content, created_at FROM sent_messages"
             " WHERE message_id = ?",
@@ -730,7 +773,7 @@ class SQLiteStore:
 
     async def usage_for_day(self, day: str) -> list[Usage]:
         """Every usage row of a day."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             f"SELECT {_USAGE_COLUMNS} FROM usage"  # noqa: S608
             " WHERE day = ? ORDER BY user_id, key_id",
@@ -743,7 +786,7 @@ class SQLiteStore:
     ) -> list[Usage]:
         """Every usage row with ``first_day <= day <= last_day`` (of ``user_id`` when given),
         ordered by day, user, key."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             f"SELECT {_USAGE_COLUMNS} FROM usage"  # noqa: S608
             " WHERE day BETWEEN ? AND ? AND (? IS NULL OR user_id = ?)"
@@ -756,7 +799,7 @@ class SQLiteStore:
 
     async def get_preference(self, scope: str, subject: str) -> str | None:
         """The value stored for ``subject`` in ``scope``, or None."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             "SELECT value FROM preferences WHERE scope = ? AND subject = ?",
             (scope, subject),
@@ -781,7 +824,7 @@ class SQLiteStore:
 
     async def preferences(self, scope: str) -> dict[str, str]:
         """Every subject of ``scope`` with its value."""
-        rows = await self._run(
+        rows = await self._run_read(
             self._read,
             "SELECT subject, value FROM preferences WHERE scope = ? ORDER BY subject",
             (scope,),
