@@ -1,4 +1,4 @@
-"""The fake Feishu and a :class:`FeishuApi` on it through the real SDK, for in-process tests."""
+"""The fake Feishu and a :class:`FeishuApi` on it as the bot builds it, for in-process tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 from bot.feishu import sdk_compat
 from bot.feishu.api import FeishuApi
 from bot.feishu.token_keeper import TenantTokenKeeper
+from bot.feishu.transport import AiohttpTransport
+from bot.timing import Sleep
 from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
 
 
@@ -25,14 +27,41 @@ def running_fake_feishu(name: str, **options: Any) -> Iterator[FakeFeishuThread]
         yield running
 
 
+def transport_for(
+    fake: FakeFeishuThread,
+    keeper: TenantTokenKeeper,
+    *,
+    domain: str | None = None,
+    timeout_s: float = 5,
+) -> AiohttpTransport:
+    """The gateway's transport on ``fake``: the tenant token ``keeper`` keeps in the SDK's cache."""
+    app_id = fake.fake.app_id
+    return AiohttpTransport(
+        domain or fake.domain,
+        token=lambda: sdk_compat.cached_tenant_token(app_id),
+        refresh=keeper.refresh_now,
+        timeout_s=timeout_s,
+    )
+
+
 @contextlib.asynccontextmanager
 async def feishu_api(
-    fake: FakeFeishuThread, *, timeout_s: float = 5, attempts: int = 4
+    fake: FakeFeishuThread,
+    *,
+    timeout_s: float = 5,
+    attempts: int = 4,
+    sleep: Sleep = no_wait,
 ) -> AsyncIterator[FeishuApi]:
-    """The answer path's API on ``fake``, with a tenant token in the SDK's cache."""
+    """The answer path's API on ``fake``, as the gateway builds it (closed afterwards)."""
     fs = fake.fake
-    async with TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain):
-        client = sdk_compat.build_client(
-            app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=timeout_s
+    async with TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain) as keeper:
+        api = FeishuApi(
+            transport_for(fake, keeper, timeout_s=timeout_s),
+            attempts=attempts,
+            sleep=sleep,
+            on_token_invalid=keeper.refresh_now,
         )
-        yield FeishuApi(client, attempts=attempts, sleep=no_wait)
+        try:
+            yield api
+        finally:
+            await api.aclose()

@@ -9,7 +9,6 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -18,6 +17,7 @@ from bot.feishu.api import FeishuApi, FeishuApiError, read_answer
 from bot.feishu.token_keeper import TenantTokenKeeper
 from bot.feishu.transport import AiohttpTransport
 from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
+from tests.feishu_clients import transport_for
 
 CARD = {"schema": "2.0", "body": {"elements": [{"tag": "markdown", "content": "hi"}]}}
 
@@ -49,10 +49,9 @@ async def keeper(fake: FakeFeishuThread) -> AsyncIterator[TenantTokenKeeper]:
 ApiFactory = Callable[..., FeishuApi]
 
 
-@pytest.fixture(params=["aiohttp", "sdk"])
-async def api_for(request: pytest.FixtureRequest) -> AsyncIterator[ApiFactory]:
-    """Builds the API over the bot's aiohttp transport (with the SDK's cached tenant token, as
-    the gateway does) and over the SDK's own client: both must behave the same."""
+@pytest.fixture
+async def api_for(keeper: TenantTokenKeeper) -> AsyncIterator[ApiFactory]:
+    """Builds the API as the gateway does: the aiohttp transport with the SDK's cached token."""
     made: list[FeishuApi] = []
 
     def build(
@@ -63,26 +62,8 @@ async def api_for(request: pytest.FixtureRequest) -> AsyncIterator[ApiFactory]:
         timeout_s: float = 5,
         on_token_invalid: Callable[[], Awaitable[None]] | None = None,
     ) -> FeishuApi:
-        fs = fake.fake
-        if request.param == "sdk":
-            client: Any = sdk_compat.build_client(
-                app_id=fs.app_id,
-                app_secret=fs.app_secret,
-                domain=domain or fake.domain,
-                timeout_s=timeout_s,
-            )
-        else:
-
-            async def no_refresh() -> None:
-                """The keeper fixture has put a token in the SDK's cache."""
-
-            client = AiohttpTransport(
-                domain or fake.domain,
-                token=lambda: sdk_compat.cached_tenant_token(fs.app_id),
-                refresh=no_refresh,
-                timeout_s=timeout_s,
-            )
-        api = FeishuApi(client, sleep=waits, on_token_invalid=on_token_invalid)
+        transport = transport_for(fake, keeper, domain=domain, timeout_s=timeout_s)
+        api = FeishuApi(transport, sleep=waits, on_token_invalid=on_token_invalid)
         made.append(api)
         return api
 

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.feishu import sdk_compat
-from bot.feishu.api import FeishuApi
 from bot.feishu.key_notices import KeyNotices
-from bot.feishu.token_keeper import TenantTokenKeeper
 from bot.llm.keypool import KeyPool
 from bot.store import SQLiteStore
 from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
+from tests.feishu_clients import feishu_api
 
 ADMIN = "ou_admin_000000000000000000000000001"
 DONOR = "ou_donor_000000000000000000000000002"
@@ -33,25 +31,16 @@ def fake() -> Iterator[FakeFeishuThread]:
 
 @pytest.fixture
 async def pool(fake: FakeFeishuThread, tmp_path: Path) -> AsyncIterator[KeyPool]:
-    fs = fake.fake
     store = SQLiteStore(tmp_path / "bot.db")
     await store.open()
-    async with TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain):
-        client = sdk_compat.build_client(
-            app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=5
-        )
+    async with feishu_api(fake) as api:
         key_pool = KeyPool(store)
         await key_pool.load([])
-        api = FeishuApi(client, sleep=_no_wait)
         key_pool.on_state_change = KeyNotices(
             api, [ADMIN, "not-an-open-id"], health_check_minutes=30
         )
         yield key_pool
     await store.close()
-
-
-async def _no_wait(seconds: float) -> None:
-    """Retry pauses pass at once."""
 
 
 def texts_to(fs: FakeFeishu, open_id: str) -> list[str]:

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from bot.chat.replies import AnswerInfo, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished
-from bot.feishu import sdk_compat
 from bot.feishu.api import FeishuApi
 from bot.feishu.replier import (
     CUT_SHORT_NOTE,
@@ -29,11 +28,11 @@ from bot.feishu.replier import (
     ReplyTarget,
     StreamedReply,
 )
-from bot.feishu.token_keeper import TenantTokenKeeper
 from bot.llm.events import TokenUsage
 from bot.logging import configure_logging
 from bot.ops.metrics import Metrics
 from tests.fakes.feishu_server import FakeFeishu, FakeFeishuThread
+from tests.feishu_clients import feishu_api
 
 
 @dataclass
@@ -99,22 +98,13 @@ def fake() -> Iterator[FakeFeishuThread]:
 
 @pytest.fixture
 async def setup(fake: FakeFeishuThread) -> AsyncIterator[Setup]:
-    fs = fake.fake
-    keeper = TenantTokenKeeper(fs.app_id, fs.app_secret, fake.domain)
-    await keeper.start()
     sleeps: list[float] = []
 
     async def no_wait(seconds: float) -> None:
         sleeps.append(seconds)
 
-    client = sdk_compat.build_client(
-        app_id=fs.app_id, app_secret=fs.app_secret, domain=fake.domain, timeout_s=5
-    )
-    api = FeishuApi(client, sleep=no_wait)
-    try:
+    async with feishu_api(fake, sleep=no_wait) as api:
         yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps, api)
-    finally:
-        await keeper.aclose()
 
 
 async def answer(*parts: str, note: str | None = None) -> AsyncIterator[ReplyEvent]:

@@ -3,8 +3,7 @@
 The channel's helpers either swallow failures (its CardKit update queue only logs them), retry
 codes that are final, or report an unsent card as an empty message id. The answer path needs to
 know exactly what happened, so it makes the calls itself, over a kept-alive aiohttp pool with the
-SDK's tenant token (or through the SDK's own client; see :mod:`bot.feishu.transport`), and reads
-every answer itself:
+SDK's tenant token (:mod:`bot.feishu.transport`), and reads every answer itself:
 
 - transient failures (5xx, timeouts, connection errors, unreadable bodies, HTTP 429 or code
   99991400 honouring Feishu's reset hint, an expired tenant token) are retried with jittered
@@ -33,7 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from bot.feishu.transport import SdkTransport, Transport, TransportError
+from bot.feishu.transport import Transport, TransportError
 from bot.logging import get_logger
 from bot.timing import Sleep
 
@@ -92,19 +91,18 @@ class FeishuApiError(Exception):
 
 
 class FeishuApi:
-    """The answer path's REST calls, over a :class:`bot.feishu.transport.Transport` (or the
-    SDK's ``lark_oapi.Client``, used through :class:`bot.feishu.transport.SdkTransport`)."""
+    """The answer path's REST calls, over a :class:`bot.feishu.transport.Transport`."""
 
     def __init__(
         self,
-        client: Transport | Any,
+        transport: Transport,
         *,
         attempts: int = 4,
         max_backoff_s: float = 8.0,
         sleep: Sleep = asyncio.sleep,
         on_token_invalid: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._transport: Transport = SdkTransport(client) if hasattr(client, "arequest") else client
+        self._transport = transport
         self._attempts = attempts
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep

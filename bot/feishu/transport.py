@@ -1,4 +1,4 @@
-"""How the answer path's REST calls reach Feishu: one kept-alive aiohttp pool, or the SDK.
+"""How the answer path's REST calls reach Feishu: one kept-alive aiohttp pool.
 
 A streaming answer makes a Feishu call per card update, and 200 answers at once make hundreds
 of calls in flight. The SDK's async transport goes through httpx/httpcore: with a small
@@ -7,16 +7,14 @@ connection, and with a large one httpcore's per-request pool scans dominate the 
 with ``bench/concurrency.py``, see ``bench/RESULTS.md``). :class:`AiohttpTransport` keeps one
 ``aiohttp`` session whose connector reuses connections without a fixed cap, and authenticates
 with the tenant token the SDK's cache holds (kept fresh by
-:class:`bot.feishu.token_keeper.TenantTokenKeeper`). :class:`SdkTransport` sends through the
-SDK's ``Client.arequest`` instead (token handling and transport entirely the SDK's).
+:class:`bot.feishu.token_keeper.TenantTokenKeeper`).
 
-Both return the raw status, headers and body; :func:`bot.feishu.api.read_answer` reads them, so
-Feishu's codes and the retry and fallback rules are the same whichever transport is used.
+It returns the raw status, headers and body; :func:`bot.feishu.api.read_answer` reads them, so
+Feishu's codes decide the retry and fallback rules, as they did through the SDK.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -133,44 +131,3 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-class SdkTransport:
-    """Feishu REST through the SDK's ``lark_oapi.Client.arequest`` (the SDK's token and
-    transport)."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    async def request(
-        self,
-        method: str,
-        uri: str,
-        paths: Mapping[str, str],
-        queries: Sequence[tuple[str, str]],
-        body: Any,
-    ) -> RawAnswer:
-        """Send the request; see :class:`Transport`."""
-        from lark_oapi.core.enum import AccessTokenType, HttpMethod
-        from lark_oapi.core.model import BaseRequest
-
-        request = BaseRequest()
-        request.http_method = HttpMethod[method]
-        request.uri = uri
-        request.paths = dict(paths)
-        request.queries = list(queries)
-        request.token_types = {AccessTokenType.TENANT}
-        request.body = body
-        try:
-            response = await self._client.arequest(request)
-            raw = response.raw
-            status = int(getattr(raw, "status_code", 0) or 0)
-            headers = {str(k).lower(): str(v) for k, v in dict(raw.headers or {}).items()}
-            return status, headers, bytes(raw.content or b"")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # transport failures and bodies the SDK could not read
-            raise TransportError(f"{type(exc).__name__}: {exc}") from None
-
-    async def aclose(self) -> None:
-        """Nothing to release: the SDK owns its transport."""
