@@ -474,3 +474,12 @@ async def test_a_quote_holding_an_api_key_is_never_sent_to_the_model(
         assert "holds an API key" in answer.finished.note
         assert key not in str(fake.requests[-1].messages)
     assert key not in str(await bot.store.load_turns("c1"))
+
+
+async def test_an_admin_listed_by_user_id_is_an_admin_for_every_command(start: Any) -> None:
+    bot = await start(access={"admins": ["e_admin_1"]})
+    as_admin = {"user": "ou_someone", "user_ids": ("e_admin_1",)}
+    assert (await bot.ask("/keys", **as_admin)).text.startswith("Keys in the pool")
+    assert "For admins" in (await bot.ask("/help", **as_admin)).text
+    assert "By user" in (await bot.ask("/usage", **as_admin)).text
+    assert "only the bot's admins" in (await bot.ask("/keys", user="ou_someone")).text

@@ -63,10 +63,6 @@ class KeyCommands:
         """Count what an answer cost on its key, so the pool can use keys fairly."""
         self._pool.count_tokens(key_id, usage.prompt_tokens + usage.completion_tokens)
 
-    def is_admin(self, user_id: str) -> bool:
-        """Whether ``user_id`` is listed in ``access.admins``."""
-        return user_id in self._settings.access.admins
-
     # ---- donations ---------------------------------------------------------------------------
 
     async def donate(self, secret: str, *, user_id: str, in_group: bool) -> str:
@@ -117,12 +113,12 @@ class KeyCommands:
 
     # ---- commands ----------------------------------------------------------------------------
 
-    async def run(self, command: Command, *, user_id: str, in_group: bool) -> str:
-        """Answer ``/key …`` or ``/keys …``."""
+    async def run(self, command: Command, *, user_id: str, in_group: bool, admin: bool) -> str:
+        """Answer ``/key …`` or ``/keys …``; ``admin``: the sender is in ``access.admins``."""
         action, _, rest = command.argument.partition(" ")
         action, rest = action.lower(), rest.strip()
         if command.name is CommandName.KEYS:
-            if not self.is_admin(user_id):
+            if not admin:
                 return ADMINS_ONLY
             if not action:
                 return self._list(self._pool.keys(), title="Keys in the pool")

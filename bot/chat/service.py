@@ -169,7 +169,10 @@ class ConversationService:
             else:
                 yield ReplyFinished(
                     await self._keys.run(
-                        command, user_id=message.user_id, in_group=message.in_group
+                        command,
+                        user_id=message.user_id,
+                        in_group=message.in_group,
+                        admin=self.access.is_admin(asker.all_ids),
                     )
                 )
             return
