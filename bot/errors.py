@@ -61,3 +61,15 @@ class StoreLocked(BotError):
 
 class OpsServerError(BotError):
     """The health and metrics endpoints cannot listen on ``ops.http`` (the port is in use)."""
+
+
+class MediaError(BotError):
+    """A voice message, image or file the bot cannot use; the text is safe to show the user."""
+
+
+class MediaUnreadable(MediaError):
+    """The bytes are not what they claim to be, or are damaged (no audio, no image, no text)."""
+
+
+class MediaTooLarge(MediaError):
+    """A media item is over a configured limit (size, duration, pixels, pages)."""
