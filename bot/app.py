@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bot.chat.access import AccessControl
 from bot.chat.key_commands import KeyCommands
+from bot.chat.media import MediaOptions, MediaReader
 from bot.chat.service import ConversationService
 from bot.config import Settings
 from bot.llm.client import LLMClient
@@ -81,5 +82,8 @@ async def build_core(
         secrets=settings.secrets(),
         access=AccessControl(settings.access, store),
         donations=settings.keys.accept_donations,
+        media=MediaReader(
+            store, llm, MediaOptions.from_settings(settings), secrets=settings.secrets()
+        ),
     )
     return Core(store=store, pool=pool, llm=llm, service=service, check_key=check, metrics=metrics)

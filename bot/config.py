@@ -145,8 +145,23 @@ class LLMSettings(_Section):
     request_timeout_s: float = Field(default=60, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=20)
     max_wait_s: float = Field(default=30, ge=0)
+    #: whether the model reads images (they are sent as image parts of the question)
+    vision: bool = False
+    #: the speech-to-text model of the endpoint's ``audio/transcriptions``; unset: ``whisper-1``
+    #: on api.openai.com, else none (voice then goes to Feishu's speech-to-text); "" turns it off
+    transcription_model: str | None = None
+    #: the model ``/draw`` asks the endpoint's ``images/generations`` for ("" turns /draw off)
+    image_model: str = "gpt-image-1"
 
     _base_url_is_url = field_validator("base_url")(_check_http_url)
+
+    def speech_model(self) -> str | None:
+        """The transcription model to use, or None when the endpoint does not transcribe."""
+        if self.transcription_model is not None:
+            return self.transcription_model.strip() or None
+        if urlsplit(self.base_url).hostname == "api.openai.com":
+            return "whisper-1"
+        return None
 
     @field_validator("models")
     @classmethod
@@ -191,6 +206,12 @@ class ChatSettings(_Section):
     resume_within_minutes: float = Field(default=10, ge=0)
     history_retention_days: float = Field(default=90, ge=0)
     footer: FooterMode = "short"
+    #: how long an image or file sent alone waits for the question that goes with it
+    attachment_hold_minutes: float = Field(default=10, ge=0, le=24 * 60)
+    #: the largest file, image or voice message the bot downloads, in megabytes
+    max_file_mb: float = Field(default=10, gt=0, le=100)
+    #: the longest voice message the bot transcribes, in seconds
+    max_voice_seconds: float = Field(default=60, gt=0, le=600)
 
     @field_validator("personas")
     @classmethod
@@ -219,6 +240,7 @@ class AccessSettings(_Section):
     allow: list[str] = Field(default_factory=list)
     daily_requests_per_user: int = Field(default=0, ge=0)
     daily_tokens_per_user: int = Field(default=0, ge=0)
+    daily_images_per_user: int = Field(default=10, ge=0)
 
     @field_validator("admins", "allow")
     @classmethod
@@ -236,6 +258,13 @@ class KeysSettings(_Section):
     owner_first: bool = False
     reserved_for: dict[str, list[str]] = Field(default_factory=dict)
     health_check_minutes: float = Field(default=30, ge=0)
+
+
+class MediaSettings(_Section):
+    """What the bot does with media beyond reading text."""
+
+    #: render LaTeX formulas of finished answers as images in the card
+    formulas: bool = True
 
 
 class StoreSettings(_Section):
@@ -330,6 +359,7 @@ class Settings(_Section):
     chat: ChatSettings = Field(default_factory=ChatSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     keys: KeysSettings = Field(default_factory=KeysSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
     log: LogSettings = Field(default_factory=LogSettings)

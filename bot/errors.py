@@ -73,3 +73,8 @@ class MediaUnreadable(MediaError):
 
 class MediaTooLarge(MediaError):
     """A media item is over a configured limit (size, duration, pixels, pages)."""
+
+
+class MediaUnavailable(MediaError):
+    """A media item could not be fetched, transcribed or published (the platform refused or
+    did not answer); the text says so politely, naming a missing permission when that is it."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from bot.chat.access import AccessControl
 from bot.chat.key_commands import KeyCommands
+from bot.chat.media import MediaOptions, MediaReader
 from bot.chat.replies import Reply, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished, ReplyNotice
 from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings, parse_settings
@@ -120,6 +121,13 @@ class ChatHarness:
             secrets=settings.secrets(),
             access=AccessControl(settings.access, self.store, clock=time),
             donations=settings.keys.accept_donations,
+            media=MediaReader(
+                self.store,
+                self.llm,
+                MediaOptions.from_settings(settings),
+                clock=time,
+                secrets=settings.secrets(),
+            ),
         )
         self._count = 0
 

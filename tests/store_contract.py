@@ -12,6 +12,7 @@ import pytest
 
 from bot.errors import StoreError
 from bot.store import (
+    HeldAttachment,
     InboxEntry,
     SentMessage,
     Store,
@@ -518,3 +519,52 @@ class StoreContract:
             ("2026-11-01", "k2"),
         ]
         assert await store.usage_between("2026-10-01", "2026-11-30", user_id="ou_9") == []
+
+    async def test_images_drawn_are_counted_with_the_usage_row(self, store: Store) -> None:
+        await store.add_usage("2026-11-01", "ou_1", "k1", 0, 0, images=1)
+        drawn = UsageRecord("2026-11-01", "ou_1", "k1", 0, 0, images=1)
+        await store.complete_message([], [], drawn)
+        await store.add_usage("2026-11-01", "ou_1", "k1", 10, 5)
+
+        (row,) = await store.usage_for_day("2026-11-01")
+        assert (row.requests, row.prompt_tokens, row.images) == (3, 10, 2)
+
+    async def test_a_held_attachment_is_listed_for_its_holder_until_an_answer_releases_it(
+        self, store: Store
+    ) -> None:
+        image = HeldAttachment("p2p:ou_1", "image", "image", "image/png", b"\x89PNG", 100.0)
+        notes = HeldAttachment("p2p:ou_1", "file", "notes.md", "text/plain", b"# hi", 101.0)
+        other = HeldAttachment("p2p:ou_2", "image", "image", "image/png", b"x", 100.0)
+        first = await store.hold_attachment(image)
+        second = await store.hold_attachment(notes)
+        await store.hold_attachment(other)
+
+        held = await store.held_attachments("p2p:ou_1", since=0)
+        assert [(h.attachment_id, h.name, h.content) for h in held] == [
+            (first, "image", b"\x89PNG"),
+            (second, "notes.md", b"# hi"),
+        ]
+        assert [h.name for h in await store.held_attachments("p2p:ou_1", since=101)] == ["notes.md"]
+
+        await store.accept_message(InboxEntry("om_1", "c1", "{}", received_at=1), 3600)
+        await store.complete_message(
+            ["om_1"], [turn("c1", "user", "[image] what?", 2)], None, release=[first]
+        )
+        assert [h.name for h in await store.held_attachments("p2p:ou_1", since=0)] == ["notes.md"]
+        assert len(await store.held_attachments("p2p:ou_2", since=0)) == 1
+
+    async def test_held_attachments_older_than_the_hold_are_dropped(self, store: Store) -> None:
+        await store.hold_attachment(HeldAttachment("h", "image", "a", "image/png", b"a", 10.0))
+        await store.hold_attachment(HeldAttachment("h", "image", "b", "image/png", b"b", 20.0))
+
+        assert await store.drop_held(before=15.0) == 1
+        assert [h.name for h in await store.held_attachments("h", since=0)] == ["b"]
+
+    async def test_a_failed_answer_releases_no_attachment(self, store: Store) -> None:
+        held = await store.hold_attachment(HeldAttachment("h", "image", "a", "image/png", b"a", 1))
+        broken = [turn("c1", "robot", "not a role any store accepts", 3)]
+
+        with pytest.raises(StoreError):
+            await store.complete_message([], broken, None, release=[held])
+
+        assert len(await store.held_attachments("h", since=0)) == 1

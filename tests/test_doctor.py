@@ -22,7 +22,7 @@ from bot.doctor.feishu import PROBE_SECRET
 from bot.doctor.render import Printer, render_result, summary
 from bot.doctor.report import Report, Result
 from bot.doctor.runner import DoctorOptions, run_doctor
-from bot.doctor.scopes import REQUIRED_SCOPES, USER_ID_SCOPE
+from bot.doctor.scopes import REQUIRED_SCOPES, RESOURCE_SCOPE, SPEECH_SCOPE, USER_ID_SCOPE
 from bot.llm.keypool import key_id_of
 from bot.logging import Redactor, mask_key
 from bot.store import InstanceLock, StoredKey, create_store
@@ -147,7 +147,8 @@ async def test_a_well_set_up_app_passes_every_check_in_order_and_exits_0(
 
 
 def test_the_fake_grants_exactly_the_scopes_of_the_doctor_table() -> None:
-    assert set(DEFAULT_SCOPES) == {s.name for s in (*REQUIRED_SCOPES, USER_ID_SCOPE)}
+    table = (*REQUIRED_SCOPES, USER_ID_SCOPE, RESOURCE_SCOPE, SPEECH_SCOPE)
+    assert set(DEFAULT_SCOPES) == {s.name for s in table}
 
 
 # ---- Feishu credentials and platform ---------------------------------------------------------
@@ -325,6 +326,33 @@ async def test_each_missing_scope_is_named_with_what_breaks_without_it(
         "! scopes: contact:user.employee_id:readonly is not granted; not needed while "
         "access.allow and access.admins name only open_ids (ou_…) and chat ids (oc_…)"
     )
+
+
+async def test_missing_media_scopes_are_notes_naming_what_degrades(
+    feishu: FakeFeishu, llm: FakeOpenAI
+) -> None:
+    feishu.set_scopes([*(s.name for s in REQUIRED_SCOPES), USER_ID_SCOPE.name])
+
+    outcome = await doctor(settings_for(feishu, llm))
+
+    assert outcome.report.exit_code == 0  # text answers work without them
+    assert outcome.line("! scope im:resource:") == (
+        "! scope im:resource: not added: the images, files and voice messages users send cannot "
+        "be downloaded, and drawings and formulas cannot be shown as images"
+    )
+    assert outcome.line("! scope speech_to_text:speech:").startswith(
+        "! scope speech_to_text:speech: not added: voice messages cannot be transcribed"
+    )
+
+
+async def test_the_speech_scope_is_not_needed_when_the_endpoint_transcribes(
+    feishu: FakeFeishu, llm: FakeOpenAI
+) -> None:
+    feishu.set_scopes([*(s.name for s in REQUIRED_SCOPES), USER_ID_SCOPE.name, "im:resource"])
+
+    outcome = await doctor(settings_for(feishu, llm, llm={"transcription_model": "whisper-1"}))
+
+    assert not [line for line in outcome.lines if "speech_to_text" in line]
 
 
 async def test_the_user_id_scope_is_a_note_until_the_access_lists_name_user_ids(

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bot.chat.media import VISION_OFF_TEXT
 from tests.e2e_harness import USER_A, World, make_world
 from tests.fakes.openai_server import Reply
 from tests.helpers import BOT_COMMAND, bot_environment
@@ -429,7 +430,7 @@ def test_merging_bursts_joins_one_users_p2p_messages_but_never_a_groups(tmp_path
 # ---- 12. smaller promises --------------------------------------------------------------------
 
 
-def test_a_post_with_only_an_image_gets_the_text_only_reply(world: World) -> None:
+def test_a_post_with_only_an_image_gets_the_vision_off_reply(world: World) -> None:
     content: dict[str, Any] = {
         "title": "",
         "content": [[{"tag": "img", "image_key": "img_v3_0000_only_image"}]],
@@ -439,7 +440,7 @@ def test_a_post_with_only_an_image_gets_the_text_only_reply(world: World) -> Non
     world.start_bot()
     world.feishu.deliver(event)
     message = event["event"]["message"]["message_id"]
-    assert world.wait_for_final_reply(message).startswith("I can only read text for now")
+    assert world.wait_for_final_reply(message) == VISION_OFF_TEXT
     assert world.llm.requests == []
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot.chat.media import VISION_OFF_TEXT
+from bot.feishu.answerer import UNSUPPORTED_TEXT
 from tests.e2e_harness import LLM_KEY, USER_A, USER_B, World, make_world
 from tests.fakes.openai_server import server_error
 from tests.helpers import run_bot, write_settings
@@ -194,15 +196,22 @@ def test_post_message_is_answered_from_its_text(world: World) -> None:
     assert "print(1)" in request.last_user_text
 
 
-@pytest.mark.parametrize(("sample", "what"), [("p2p_file", "a file"), ("p2p_image", "an image")])
-def test_file_and_image_get_a_polite_text_only_reply_without_an_llm_call(
-    world: World, sample: str, what: str
+def test_a_sticker_gets_a_polite_reply_saying_what_the_bot_reads_without_an_llm_call(
+    world: World,
 ) -> None:
     world.start_bot()
-    message = world.send(sample)
+    message = world.send("p2p_sticker")
     text = world.wait_for_final_reply(message)
-    assert text.startswith(f"I can only read text for now, so I cannot look at {what}.")
+    assert text == UNSUPPORTED_TEXT.format(what="a sticker")
     assert world.llm.requests == []
+
+
+def test_an_image_without_vision_gets_the_reply_naming_the_setting(world: World) -> None:
+    world.start_bot()
+    message = world.send("p2p_image")
+    assert world.wait_for_final_reply(message) == VISION_OFF_TEXT
+    assert world.llm.requests == []
+    assert world.fs.calls_to("message_resource") == []  # nothing downloaded in vain
 
 
 def test_an_empty_mention_gets_a_short_help(world: World) -> None:

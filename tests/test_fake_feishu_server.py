@@ -9,6 +9,8 @@ loop, since the SDK fetches tokens with blocking ``requests``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import time
@@ -26,26 +28,47 @@ from lark_oapi.api.cardkit.v1 import (
     CreateCardRequestBody,
 )
 from lark_oapi.api.im.v1 import (
+    CreateImageRequest,
+    CreateImageRequestBody,
     CreateMessageRequest,
     CreateMessageRequestBody,
     GetMessageRequest,
+    GetMessageResourceRequest,
     P2ImChatAccessEventBotP2pChatEnteredV1,
     P2ImChatMemberBotAddedV1,
+)
+from lark_oapi.api.speech_to_text.v1 import (
+    FileConfig,
+    FileRecognizeSpeechRequest,
+    FileRecognizeSpeechRequestBody,
+    Speech,
 )
 from lark_oapi.core.json import JSON
 
 from tests.fakes.feishu_server import (
     BOT_NAME,
     BOT_OPEN_ID,
+    CODE_FIELD_VALIDATION,
+    CODE_FILE_NOT_IN_MESSAGE,
+    CODE_IMAGE_EMPTY,
+    CODE_IMAGE_TOO_LARGE,
+    CODE_IMAGE_TYPE_UNSUPPORTED,
+    CODE_RESOURCE_INVALID_PARAM,
+    CODE_SCOPE_MISSING,
+    CODE_SPEECH_TOO_LONG,
     DEFAULT_SCOPES,
+    ENDPOINTS,
     FEISHU_ERRORS,
+    MAX_IMAGE_BYTES,
     SAMPLE_SENDER_OPEN_ID,
+    SPEECH_BYTES_PER_SECOND,
     FakeFeishu,
     FakeFeishuThread,
     build_bot_added_event,
     build_message_event,
     build_p2p_chat_entered_event,
 )
+from tests.fakes.openai_server import solid_png
 from tests.fakes.ws_probe import ProbeProcess
 
 INTERRUPTED_FOOTER = "\n\n— _(generation interrupted)_"
@@ -976,3 +999,365 @@ async def test_the_endpoint_discovery_can_hand_out_another_websocket_url() -> No
             json={"AppID": fs.app_id, "AppSecret": fs.app_secret},
         )
         assert answer.json()["data"]["URL"].startswith("ws://127.0.0.1:9/ws?device_id=")
+
+
+# --------------------------------------------------------------------------------------------
+# Media: speech to text, image upload, message resources
+# --------------------------------------------------------------------------------------------
+
+SPEECH_PATH = "/open-apis/speech_to_text/v1/speech/file_recognize"
+IMAGES_PATH = "/open-apis/im/v1/images"
+FILE_ID = "voice_0123456789"  # Feishu wants exactly 16 characters
+PNG = solid_png(8, 8, (0, 160, 80))
+
+
+def _resource_path(file_key: str, message_id: str = "om_dc13264520392913993dd051dba21dcf") -> str:
+    return f"/open-apis/im/v1/messages/{message_id}/resources/{file_key}"
+
+
+def _pcm(seconds: float) -> bytes:
+    """Silence of 16 kHz mono s16le PCM."""
+    return bytes(int(seconds * SPEECH_BYTES_PER_SECOND))
+
+
+def _speech_body(
+    pcm: bytes, *, file_id: Any = FILE_ID, fmt: Any = "pcm", engine: Any = "16k_auto"
+) -> dict[str, Any]:
+    return {
+        "speech": {"speech": base64.b64encode(pcm).decode("ascii")},
+        "config": {"file_id": file_id, "format": fmt, "engine_type": engine},
+    }
+
+
+async def _tenant_auth(http: httpx.AsyncClient, fs: FakeFeishu) -> dict[str, str]:
+    answer = await http.post(
+        "/open-apis/auth/v3/tenant_access_token/internal",
+        json={"app_id": fs.app_id, "app_secret": fs.app_secret},
+    )
+    return {"Authorization": f"Bearer {answer.json()['tenant_access_token']}"}
+
+
+async def _upload(
+    http: httpx.AsyncClient,
+    auth: dict[str, str],
+    data: bytes,
+    *,
+    image_type: str = "message",
+    content_type: str = "image/png",
+) -> httpx.Response:
+    return await http.post(
+        IMAGES_PATH,
+        headers=auth,
+        data={"image_type": image_type},
+        files={"image": ("image.png", data, content_type)},
+    )
+
+
+async def test_speech_is_recognised_through_the_sdk_and_the_audio_is_recorded() -> None:
+    with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}").run_in_thread() as server:
+        fs = server.fake
+        fs.speech_text = "明天天气怎么样"
+        request = (
+            FileRecognizeSpeechRequest.builder()
+            .request_body(
+                FileRecognizeSpeechRequestBody.builder()
+                .speech(Speech.builder().speech(base64.b64encode(_pcm(2.5)).decode()).build())
+                .config(
+                    FileConfig.builder()
+                    .file_id(FILE_ID)
+                    .format("pcm")
+                    .engine_type("16k_auto")
+                    .build()
+                )
+                .build()
+            )
+            .build()
+        )
+        answer = await _sdk_client(fs).speech_to_text.v1.speech.afile_recognize(request)
+
+        assert (answer.code, answer.msg) == (0, "success")
+        assert answer.data.recognition_text == "明天天气怎么样"
+        [heard] = fs.speech_requests
+        assert (heard.byte_count, heard.seconds, heard.file_id, heard.code) == (
+            80_000,
+            2.5,
+            FILE_ID,
+            0,
+        )
+        [call] = fs.calls_to("speech_file_recognize")
+        assert call.seq == heard.call_seq
+        assert call.json["config"] == {
+            "file_id": FILE_ID,
+            "format": "pcm",
+            "engine_type": "16k_auto",
+        }
+
+        fs.speech_text = lambda request: f"{request.seconds:.0f} seconds of silence"
+        again = await _sdk_client(fs).speech_to_text.v1.speech.afile_recognize(request)
+        assert again.data.recognition_text == "2 seconds of silence"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (
+            {"config": {"file_id": FILE_ID, "format": "pcm", "engine_type": "16k_auto"}},
+            "speech.speech",
+        ),
+        (
+            {
+                "speech": {"speech": "not base64!"},
+                "config": {"file_id": FILE_ID, "format": "pcm", "engine_type": "16k_auto"},
+            },
+            "speech.speech",
+        ),
+        (_speech_body(_pcm(1), file_id=None), "config.file_id"),
+        (_speech_body(_pcm(1), file_id="short_id"), "config.file_id"),
+        (_speech_body(_pcm(1), file_id="seventeen_chars_x"), "config.file_id"),
+        (_speech_body(_pcm(1), fmt="opus"), "config.format"),
+        (_speech_body(_pcm(1), engine="8k_auto"), "config.engine_type"),
+    ],
+    ids=["no-speech", "not-base64", "no-file-id", "short-id", "long-id", "opus", "8k-engine"],
+)
+async def test_speech_requests_feishu_refuses_fail_field_validation(
+    body: dict[str, Any], field: str
+) -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        answer = await http.post(SPEECH_PATH, headers=await _tenant_auth(http, fs), json=body)
+
+    assert answer.status_code == 400
+    payload = answer.json()
+    assert (payload["code"], payload["msg"]) == (CODE_FIELD_VALIDATION, "field validation failed")
+    assert [v["field"] for v in payload["error"]["field_violations"]] == [field]
+
+
+async def test_speech_longer_than_sixty_seconds_is_refused() -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+        at_limit = await http.post(SPEECH_PATH, headers=auth, json=_speech_body(_pcm(60)))
+        too_long = await http.post(
+            SPEECH_PATH, headers=auth, json=_speech_body(_pcm(60) + b"\x00\x00")
+        )
+
+    assert at_limit.json()["data"] == {"recognition_text": "recognized speech"}
+    assert too_long.status_code == 400
+    assert too_long.json() == {"code": CODE_SPEECH_TOO_LONG, "msg": "audio duration exceeds 60s"}
+    assert [(r.seconds, r.code) for r in fs.speech_requests] == [
+        (60.0, 0),
+        (60.0 + 2 / SPEECH_BYTES_PER_SECOND, CODE_SPEECH_TOO_LONG),
+    ]
+
+
+async def test_speech_scope_not_granted_is_access_denied_naming_the_scope() -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+        fs.set_scopes([])  # scopes that are not listed are not checked
+        allowed = await http.post(SPEECH_PATH, headers=auth, json=_speech_body(_pcm(1)))
+        fs.set_scopes(DEFAULT_SCOPES, not_granted=["speech_to_text:speech"])
+        denied = await http.post(SPEECH_PATH, headers=auth, json=_speech_body(_pcm(1)))
+        unauthenticated = await http.post(SPEECH_PATH, json=_speech_body(_pcm(1)))
+
+    assert allowed.json()["code"] == 0
+    assert denied.status_code == 400
+    assert denied.json()["code"] == CODE_SCOPE_MISSING
+    assert denied.json()["msg"].startswith(
+        "Access denied. One of the following scopes is required: [speech_to_text:speech]."
+    )
+    assert unauthenticated.json()["code"] == 99991661
+    assert len(fs.speech_requests) == 1  # a denied request never reaches recognition
+
+
+async def test_uploaded_image_bytes_are_kept_and_served_back_through_the_sdk() -> None:
+    with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}").run_in_thread() as server:
+        fs = server.fake
+        client = _sdk_client(fs)
+        uploaded = await client.im.v1.image.acreate(
+            CreateImageRequest.builder()
+            .request_body(
+                CreateImageRequestBody.builder()
+                .image_type("message")
+                .image(io.BytesIO(PNG))
+                .build()
+            )
+            .build()
+        )
+        assert uploaded.code == 0
+        image_key = uploaded.data.image_key
+        assert image_key.startswith("img_v3_")
+        [image] = fs.uploaded_images()
+        assert (image.image_key, image.data, image.image_type) == (image_key, PNG, "message")
+        assert image.content_type == "image/png"  # the SDK sends a generic type: sniffed
+        [call] = fs.calls_to("image_upload")
+        assert call.files["image"].data == PNG
+        assert json.loads(json.dumps(call.json))["image"]["size"] == len(PNG)  # JSON-friendly
+        assert call.json["image_type"] == "message"
+
+        downloaded = await client.im.v1.message_resource.aget(
+            GetMessageResourceRequest.builder()
+            .message_id("om_dc13264520392913993dd051dba21dcf")
+            .file_key(image_key)
+            .type("image")
+            .build()
+        )
+        assert downloaded.code == 0
+        assert downloaded.file.read() == PNG
+        assert downloaded.raw.headers["content-type"] == "image/png"
+        assert downloaded.raw.headers["content-length"] == str(len(PNG))
+
+
+async def test_image_upload_keeps_the_given_content_type_and_accepts_every_image_format() -> None:
+    jpeg = b"\xff\xd8\xff\xe0" + bytes(32)
+    samples = {
+        "image/jpeg": jpeg,
+        "image/gif": b"GIF89a" + bytes(16),
+        "image/webp": b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(8),
+        "image/bmp": b"BM" + bytes(32),
+    }
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+        keys = {}
+        for content_type, data in samples.items():
+            answer = await _upload(http, auth, data, content_type=content_type)
+            keys[content_type] = answer.json()["data"]["image_key"]
+        avatar = await _upload(http, auth, PNG, image_type="avatar")
+        served = await http.get(f"/open-apis/im/v1/images/{keys['image/jpeg']}", headers=auth)
+
+    assert avatar.json()["code"] == 0
+    assert [(i.content_type, i.data) for i in fs.uploaded_images()[:4]] == list(samples.items())
+    assert fs.uploaded_images()[-1].image_type == "avatar"
+    assert fs.resources[keys["image/gif"]] == (samples["image/gif"], "image/gif")
+    assert (served.content, served.headers["content-type"]) == (jpeg, "image/jpeg")
+
+
+@pytest.mark.parametrize(
+    ("data", "image_type", "code"),
+    [
+        (PNG, "sticker", CODE_FIELD_VALIDATION),
+        (b"", "message", CODE_IMAGE_EMPTY),
+        (b"%PDF-1.7 not an image", "message", CODE_IMAGE_TYPE_UNSUPPORTED),
+        (PNG + bytes(MAX_IMAGE_BYTES), "message", CODE_IMAGE_TOO_LARGE),
+    ],
+    ids=["image-type", "empty", "not-an-image", "over-10-MB"],
+)
+async def test_image_uploads_feishu_refuses_are_answered_with_its_codes(
+    data: bytes, image_type: str, code: int
+) -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        answer = await _upload(http, await _tenant_auth(http, fs), data, image_type=image_type)
+
+    assert answer.status_code == 400
+    assert answer.json()["code"] == code
+    assert fs.uploaded_images() == []
+
+
+async def test_image_upload_without_the_image_part_fails_field_validation() -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        answer = await http.post(
+            IMAGES_PATH,
+            headers=await _tenant_auth(http, fs),
+            files={"image_type": (None, "message")},
+        )
+
+    assert answer.json()["code"] == CODE_FIELD_VALIDATION
+    assert answer.json()["error"]["field_violations"][0]["field"] == "image"
+
+
+async def test_message_resources_check_the_type_and_the_kind() -> None:
+    voice = b"OggS\x00\x02" + bytes(100)
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+        fs.add_resource("file_v3_voice", voice, "audio/ogg", kind="file")
+        fs.add_resource("img_v3_legacy", PNG, "image/png")  # no kind: either type is served
+
+        ok = await http.get(_resource_path("file_v3_voice"), headers=auth, params={"type": "file"})
+        wrong_kind = await http.get(
+            _resource_path("file_v3_voice"), headers=auth, params={"type": "image"}
+        )
+        no_type = await http.get(_resource_path("file_v3_voice"), headers=auth)
+        bad_type = await http.get(
+            _resource_path("file_v3_voice"), headers=auth, params={"type": "audio"}
+        )
+        legacy = await http.get(
+            _resource_path("img_v3_legacy"), headers=auth, params={"type": "file"}
+        )
+        made_up = await http.get(
+            _resource_path("file_v3_unknown"), headers=auth, params={"type": "file"}
+        )
+        fs.strict_resources = True
+        missing = await http.get(
+            _resource_path("file_v3_unknown"), headers=auth, params={"type": "file"}
+        )
+
+    assert ok.status_code == 200
+    assert (ok.content, ok.headers["content-type"]) == (voice, "audio/ogg")
+    assert ok.headers["content-length"] == str(len(voice))
+    assert (wrong_kind.status_code, wrong_kind.json()) == (
+        400,
+        {"code": CODE_RESOURCE_INVALID_PARAM, "msg": "Invalid request param."},
+    )
+    assert no_type.json()["code"] == CODE_FIELD_VALIDATION
+    assert no_type.json()["error"]["field_violations"][0]["field"] == "type"
+    assert bad_type.json()["code"] == CODE_FIELD_VALIDATION
+    assert legacy.content == PNG
+    assert made_up.content == b"fake file file_v3_unknown"  # lenient by default
+    assert (missing.status_code, missing.json()) == (
+        400,
+        {"code": CODE_FILE_NOT_IN_MESSAGE, "msg": "File not in msg."},
+    )
+
+
+async def test_im_resource_scope_not_granted_denies_uploads_and_downloads() -> None:
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+        fs.add_resource("file_v3_voice", b"OggS", "audio/ogg", kind="file")
+        fs.set_scopes(DEFAULT_SCOPES, not_granted=["im:resource"])
+        upload = await _upload(http, auth, PNG)
+        download = await http.get(
+            _resource_path("file_v3_voice"), headers=auth, params={"type": "file"}
+        )
+
+    for denied in (upload, download):
+        assert denied.status_code == 400
+        assert denied.json()["code"] == CODE_SCOPE_MISSING
+        assert "[im:resource]" in denied.json()["msg"]
+        assert f"open.feishu.cn/app/{fs.app_id}/auth?q=im:resource" in denied.json()["msg"]
+    assert fs.uploaded_images() == []
+
+
+async def test_media_endpoints_take_injected_faults_holds_and_delays() -> None:
+    assert {"speech_file_recognize", "image_upload", "message_resource"} <= ENDPOINTS
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+
+        fs.fail("speech_file_recognize", "rate_limited", headers={"x-ogw-ratelimit-reset": "2"})
+        limited = await http.post(SPEECH_PATH, headers=auth, json=_speech_body(_pcm(1)))
+        assert (limited.status_code, limited.json()["code"]) == (429, 99991400)
+        assert limited.headers["x-ogw-ratelimit-reset"] == "2"
+
+        fs.fail("image_upload", 1, "internal error", 500)
+        broken = await _upload(http, auth, PNG)
+        assert (broken.status_code, broken.json()) == (500, {"code": 1, "msg": "internal error"})
+        assert fs.calls_to("image_upload")[-1].injected == "fail 500 code=1"
+        assert fs.uploaded_images() == []  # an injected failure stores nothing
+
+        gate = fs.hold("message_resource")
+        pending = asyncio.ensure_future(
+            http.get(_resource_path("img_v3_x"), headers=auth, params={"type": "image"})
+        )
+        await gate.wait_arrived(5)
+        assert not pending.done()
+        gate.release()
+        assert (await asyncio.wait_for(pending, 5)).status_code == 200
+
+        held = fs.hold("speech_file_recognize")
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(SPEECH_PATH, headers=auth, json=_speech_body(_pcm(1)), timeout=0.3)
+        held.release()
+
+        fs.delay("image_upload", 0.2, times=1)
+        started = time.monotonic()
+        assert (await _upload(http, auth, PNG)).json()["code"] == 0
+        assert time.monotonic() - started >= 0.2
+
+    assert len(fs.calls_to("speech_file_recognize")) == 2
+    assert [c.status for c in fs.calls_to("message_resource")] == [200]

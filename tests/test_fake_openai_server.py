@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,12 +13,19 @@ import aiohttp
 import httpx2
 import openai
 import pytest
+from PIL import Image
 
 from tests.fakes.openai_server import (
     CHAT_PATH,
     DEFAULT_MODELS,
+    FAKE_IMAGE_PNG,
+    FAKE_IMAGE_RGB,
+    FILES_PATH,
+    IMAGES_PATH,
+    MAX_AUDIO_BYTES,
     MODELS_PATH,
     OPENAI_ERROR_SAMPLES,
+    TRANSCRIPTIONS_PATH,
     ErrorResponse,
     FakeOpenAI,
     FakeOpenAIThread,
@@ -27,6 +36,7 @@ from tests.fakes.openai_server import (
     ResetAfter,
     StreamError,
     azure_rate_limited,
+    content_policy_violation,
     context_length_exceeded,
     error_sample,
     estimate_tokens,
@@ -38,6 +48,7 @@ from tests.fakes.openai_server import (
     not_found_page,
     rate_limit_exceeded,
     server_error,
+    solid_png,
 )
 
 KEY = "sk-test-a"
@@ -884,3 +895,451 @@ def test_thread_close_aborts_a_hanging_request_and_is_idempotent() -> None:
         server.close()
         with pytest.raises(openai.APIConnectionError):
             future.result(WAIT)
+
+
+# --- audio transcriptions --------------------------------------------------------------------
+
+OGG = b"OggS\x00\x02" + bytes(range(250))  # what the bot forwards: Opus in Ogg, as Feishu sends
+
+
+async def test_transcription_answers_the_transcript_and_logs_the_uploaded_file(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.transcript = "what is the weather"
+
+    result = await client.audio.transcriptions.create(
+        model="whisper-1",
+        file=("voice.ogg", OGG, "audio/ogg"),
+        language="zh",
+        prompt="天气",
+    )
+
+    assert result.text == "what is the weather"
+    [record] = fake.requests_for(KEY, path=TRANSCRIPTIONS_PATH)
+    assert (record.method, record.key, record.model) == ("POST", KEY, "whisper-1")
+    assert record.form == {"model": "whisper-1", "language": "zh", "prompt": "天气"}
+    assert record.prompt == "天气"
+    upload = record.files["file"]
+    assert (upload.filename, upload.content_type, upload.size) == ("voice.ogg", "audio/ogg", 256)
+    assert upload.data == OGG
+    # The body stays JSON-friendly: the file appears as its metadata only.
+    assert record.body["file"] == {
+        "filename": "voice.ogg",
+        "content_type": "audio/ogg",
+        "size": 256,
+    }
+    assert record.headers["Content-Type"].startswith("multipart/form-data; boundary=")
+
+
+async def test_transcript_defaults_to_the_file_name_and_answers_in_every_response_format(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    def transcribe(**kwargs: Any) -> Any:
+        return client.audio.transcriptions.create(
+            model="whisper-1", file=("note.mp3", b"ID3 fake mp3", "audio/mpeg"), **kwargs
+        )
+
+    assert (await transcribe()).text == "transcript of note.mp3"
+    assert await transcribe(response_format="text") == "transcript of note.mp3"
+    verbose = await transcribe(response_format="verbose_json", language="en")
+    assert (verbose.text, verbose.language, verbose.duration) == (
+        "transcript of note.mp3",
+        "en",
+        1.0,
+    )
+    assert await transcribe(response_format="srt") == (
+        "1\n00:00:00,000 --> 00:00:01,000\ntranscript of note.mp3\n\n"
+    )
+    assert (await transcribe(response_format="vtt")).startswith("WEBVTT\n\n")
+
+
+async def test_transcript_can_be_a_function_and_a_one_shot_reply_overrides_it(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.transcript = lambda record: f"{record.files['file'].size} bytes heard"
+    fake.script(KEY).enqueue(Reply(text="once only"), path=TRANSCRIPTIONS_PATH)
+
+    async def transcribe() -> str:
+        result = await client.audio.transcriptions.create(
+            model="whisper-1", file=("voice.ogg", OGG, "audio/ogg")
+        )
+        return result.text
+
+    assert await transcribe() == "once only"
+    assert await transcribe() == "256 bytes heard"
+
+
+@pytest.mark.parametrize(
+    ("model", "file", "response_format", "status", "param", "message"),
+    [
+        ("", ("voice.ogg", OGG, "audio/ogg"), None, 400, None, "you must provide a model"),
+        (
+            "whisper-1",
+            ("voice.ogg", b"", "audio/ogg"),
+            None,
+            400,
+            "file",
+            "Audio file is too short",
+        ),
+        (
+            "whisper-1",
+            ("voice.opus", OGG, "audio/opus"),
+            None,
+            400,
+            None,
+            "Invalid file format. Supported formats: ['flac', 'm4a', 'mp3', 'mp4', 'mpeg', "
+            "'mpga', 'oga', 'ogg', 'wav', 'webm']",
+        ),
+        ("whisper-1", ("voice", OGG, "audio/ogg"), None, 400, None, "Invalid file format"),
+        (
+            "whisper-1",
+            ("voice.ogg", OGG, "audio/ogg"),
+            "xml",
+            400,
+            "response_format",
+            "Invalid value: 'xml'",
+        ),
+        (
+            "whisper-1",
+            ("long.wav", bytes(MAX_AUDIO_BYTES + 1), "audio/wav"),
+            None,
+            413,
+            None,
+            f"Maximum content size limit ({MAX_AUDIO_BYTES}) exceeded",
+        ),
+    ],
+    ids=["no-model", "empty-file", "opus-name", "no-extension", "bad-format", "over-25-MiB"],
+)
+async def test_transcription_requests_openai_refuses_are_answered_like_openai(
+    fake: FakeOpenAI,
+    client: openai.AsyncOpenAI,
+    model: str,
+    file: tuple[str, bytes, str],
+    response_format: str | None,
+    status: int,
+    param: str | None,
+    message: str,
+) -> None:
+    extra: dict[str, Any] = {} if response_format is None else {"response_format": response_format}
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        await client.audio.transcriptions.create(model=model, file=file, **extra)
+
+    err = excinfo.value
+    assert err.status_code == status
+    assert isinstance(err.body, dict)
+    assert err.body["message"].startswith(message)
+    assert err.body["param"] == param
+    assert len(fake.requests_for(KEY, path=TRANSCRIPTIONS_PATH)) == 1  # logged all the same
+
+
+async def test_transcription_without_a_file_part_is_a_missing_parameter(fake: FakeOpenAI) -> None:
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            fake.base_url + "/audio/transcriptions",
+            data=form,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp,
+    ):
+        body = await resp.json()
+
+    assert resp.status == 400
+    assert body["error"]["code"] == "missing_required_parameter"
+    assert body["error"]["param"] == "file"
+
+
+async def test_scripted_errors_on_the_transcription_path_reach_the_sdk_and_leave_chat_alone(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(
+        rate_limit_exceeded(retry_after=3), server_error(), path=TRANSCRIPTIONS_PATH
+    )
+
+    async def transcribe(c: openai.AsyncOpenAI = client) -> str:
+        result = await c.audio.transcriptions.create(
+            model="whisper-1", file=("voice.ogg", OGG, "audio/ogg")
+        )
+        return result.text
+
+    completion = await client.chat.completions.create(model=MODEL, messages=_messages())
+    with pytest.raises(openai.RateLimitError) as limited:
+        await transcribe()
+    with pytest.raises(openai.InternalServerError):
+        await transcribe()
+    assert await transcribe() == "transcript of voice.ogg"
+
+    assert completion.choices[0].message.content == "echo: hello world"  # chat was not scripted
+    assert limited.value.code == "rate_limit_exceeded"
+    assert limited.value.response.headers["retry-after"] == "3"
+
+    fake.script(OTHER_KEY, transcriptions_persistent=insufficient_quota())
+    fake.invalidate("sk-revoked")
+    async with (
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=OTHER_KEY, max_retries=0) as broke,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-revoked", max_retries=0) as revoked,
+    ):
+        for _ in range(2):
+            with pytest.raises(openai.RateLimitError) as quota:
+                await transcribe(broke)
+            assert quota.value.code == "insufficient_quota"
+        with pytest.raises(openai.AuthenticationError) as rejected:
+            await transcribe(revoked)
+    assert rejected.value.code == "invalid_api_key"
+
+
+async def test_transcription_without_authorization_gets_401(fake: FakeOpenAI) -> None:
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    form.add_field("file", OGG, filename="voice.ogg", content_type="audio/ogg")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.base_url + "/audio/transcriptions", data=form) as resp,
+    ):
+        body = await resp.json()
+
+    assert resp.status == 401
+    assert body["error"]["type"] == "invalid_request_error"
+    assert fake.requests[-1].files["file"].data == OGG
+
+
+async def test_transcriptions_can_be_held_hung_and_reset(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    def transcribe(**kwargs: Any) -> Any:
+        return client.audio.transcriptions.create(
+            model="whisper-1", file=("voice.ogg", OGG, "audio/ogg"), **kwargs
+        )
+
+    gate = fake.hold_next(KEY, path=TRANSCRIPTIONS_PATH)
+    await client.chat.completions.create(model=MODEL, messages=_messages())  # not held
+    task = asyncio.create_task(transcribe())
+    await gate.wait_arrived(WAIT)
+    assert not task.done()
+    gate.release()
+    assert (await asyncio.wait_for(task, WAIT)).text == "transcript of voice.ogg"
+
+    fake.script(KEY).enqueue(Hang(), ResetAfter(), path=TRANSCRIPTIONS_PATH)
+    with pytest.raises(openai.APITimeoutError):
+        await transcribe(timeout=0.3)
+    with pytest.raises(openai.APIConnectionError) as reset:
+        await transcribe()
+    assert isinstance(reset.value.__cause__, httpx2.RemoteProtocolError)
+
+    waited = await fake.wait_for_requests(3, timeout=WAIT, key=KEY, path=TRANSCRIPTIONS_PATH)
+    assert [r.path for r in waited] == [TRANSCRIPTIONS_PATH] * 3
+
+
+async def test_transcriptions_have_their_own_rpm_window() -> None:
+    clock = ManualClock()
+    async with (
+        FakeOpenAI(clock=clock) as fake,
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0) as client,
+    ):
+        fake.script(KEY, rpm_limit=1)
+        await client.chat.completions.create(model=MODEL, messages=_messages())
+        await client.audio.transcriptions.create(
+            model="whisper-1", file=("voice.ogg", OGG, "audio/ogg")
+        )
+        clock.advance(20)
+        with pytest.raises(openai.RateLimitError) as excinfo:
+            await client.audio.transcriptions.create(
+                model="whisper-1", file=("voice.ogg", OGG, "audio/ogg")
+            )
+
+    assert excinfo.value.response.headers["retry-after"] == "40"
+
+
+# --- image generation ------------------------------------------------------------------------
+
+
+def _pixels(png: bytes) -> tuple[tuple[int, int], Any]:
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        return image.size, image.convert("RGB").getpixel((0, 0))
+
+
+def test_the_default_image_is_a_valid_png_of_a_colour_of_its_own() -> None:
+    assert _pixels(FAKE_IMAGE_PNG) == ((16, 16), FAKE_IMAGE_RGB)
+    assert _pixels(solid_png(3, 2, (1, 2, 3))) == ((3, 2), (1, 2, 3))
+    with pytest.raises(ValueError, match="positive"):
+        solid_png(0, 1)
+
+
+async def test_gpt_image_answers_the_fake_png_as_b64_json_with_usage(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    result = await client.images.generate(
+        model="gpt-image-1", prompt="a red panda drawing a cat", size="1024x1536", quality="low"
+    )
+
+    [image] = result.data or []
+    assert image.url is None
+    assert image.revised_prompt is None  # GPT image models do not revise prompts
+    assert image.b64_json is not None
+    assert base64.b64decode(image.b64_json) == FAKE_IMAGE_PNG
+    assert _pixels(base64.b64decode(image.b64_json))[1] == FAKE_IMAGE_RGB
+    assert (result.size, result.quality, result.output_format) == ("1024x1536", "low", "png")
+    assert result.usage is not None
+    assert result.usage.input_tokens == estimate_tokens("a red panda drawing a cat")
+    assert result.usage.total_tokens == result.usage.input_tokens + result.usage.output_tokens
+    [record] = fake.requests_for(KEY, path=IMAGES_PATH)
+    assert (record.model, record.prompt) == ("gpt-image-1", "a red panda drawing a cat")
+    assert record.body["size"] == "1024x1536"
+
+
+async def test_dall_e_url_images_are_served_without_auth_until_they_expire(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.image_png = solid_png(4, 4, (0, 128, 255))
+
+    result = await client.images.generate(
+        model="dall-e-3", prompt="a lighthouse", response_format="url"
+    )
+    several = await client.images.generate(model="dall-e-2", prompt="a boat", n=2)  # url: default
+
+    [image] = result.data or []
+    assert image.revised_prompt == "a lighthouse"
+    assert image.b64_json is None
+    assert image.url is not None
+    assert image.url.startswith(f"{fake.url}{FILES_PATH}/")
+    urls = [i.url for i in several.data or []]
+    assert len(set(urls)) == 2
+    async with aiohttp.ClientSession() as session:
+        async with session.get(image.url) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "image/png"
+            assert await resp.read() == fake.image_png
+        fake.image_files.clear()
+        async with session.get(image.url) as resp:
+            assert resp.status == 404
+    downloads = [r for r in fake.requests if r.path.startswith(FILES_PATH)]
+    assert [r.key for r in downloads] == [None, None]
+
+
+async def test_dall_e_can_answer_b64_json_when_asked(client: openai.AsyncOpenAI) -> None:
+    result = await client.images.generate(
+        model="dall-e-3", prompt="a lighthouse", response_format="b64_json"
+    )
+
+    [image] = result.data or []
+    assert image.b64_json is not None
+    assert base64.b64decode(image.b64_json) == FAKE_IMAGE_PNG
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "code"),
+    [
+        ({"model": "gpt-image-1", "prompt": ""}, "prompt", "empty_string"),
+        ({"model": "gpt-image-1", "prompt": "   "}, "prompt", "empty_string"),
+        (
+            {"model": "gpt-image-1", "prompt": "a cat", "response_format": "b64_json"},
+            "response_format",
+            "unknown_parameter",
+        ),
+        (
+            {"model": "dall-e-3", "prompt": "a cat", "response_format": "png"},
+            "response_format",
+            "invalid_value",
+        ),
+        ({"model": "dall-e-3", "prompt": "a cat", "n": 2}, "n", "integer_above_max_value"),
+        ({"model": "gpt-image-1", "prompt": "a cat", "n": 11}, "n", "integer_above_max_value"),
+        ({"model": "gpt-image-1", "prompt": "a cat", "n": 0}, "n", "integer_below_min_value"),
+    ],
+    ids=["empty", "blank", "gpt-image-format", "bad-format", "dall-e-3-n", "n-11", "n-0"],
+)
+async def test_image_requests_openai_refuses_are_answered_with_400(
+    client: openai.AsyncOpenAI, kwargs: dict[str, Any], param: str, code: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        await client.images.generate(**kwargs)
+
+    assert excinfo.value.param == param
+    assert excinfo.value.code == code
+    assert excinfo.value.type == "invalid_request_error"
+
+
+async def test_image_request_without_a_prompt_or_json_is_refused(fake: FakeOpenAI) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = fake.base_url + "/images/generations"
+    async with aiohttp.ClientSession(headers=auth) as session:
+        async with session.post(url, json={"model": "gpt-image-1"}) as resp:
+            missing = (resp.status, (await resp.json())["error"]["code"])
+        async with session.post(
+            url, data=b"{not json", headers={"Content-Type": "application/json"}
+        ) as resp:
+            garbled = (resp.status, (await resp.json())["error"]["message"])
+
+    assert missing == (400, "missing_required_parameter")
+    assert garbled[0] == 400
+    assert garbled[1].startswith("We could not parse the JSON body")
+
+
+async def test_scripted_errors_on_the_image_path_reach_the_sdk(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.script(KEY).enqueue(
+        content_policy_violation(),
+        rate_limit_exceeded(retry_after=5),
+        invalid_api_key(),
+        server_error(),
+        path=IMAGES_PATH,
+    )
+
+    def draw() -> Any:
+        return client.images.generate(model="gpt-image-1", prompt="something forbidden")
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        await draw()
+    with pytest.raises(openai.RateLimitError) as limited:
+        await draw()
+    with pytest.raises(openai.AuthenticationError):
+        await draw()
+    with pytest.raises(openai.InternalServerError):
+        await draw()
+    assert (await draw()).data is not None
+
+    assert refused.value.code == "content_policy_violation"
+    assert refused.value.message.startswith(
+        "Error code: 400 - Your request was rejected as a result of our safety system."
+    )
+    assert refused.value.body == content_policy_violation().body["error"]
+    assert limited.value.response.headers["retry-after"] == "5"
+
+    fake.script(KEY, images_persistent=content_policy_violation())
+    for _ in range(2):
+        with pytest.raises(openai.BadRequestError):
+            await draw()
+    await client.chat.completions.create(model=MODEL, messages=_messages())  # chat unaffected
+
+
+async def test_image_generation_and_downloads_can_be_held_and_hung(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    gate = fake.hold_next(path=IMAGES_PATH)
+    task = asyncio.create_task(
+        client.images.generate(model="dall-e-3", prompt="a lighthouse", response_format="url")
+    )
+    await gate.wait_arrived(WAIT)
+    assert not task.done()
+    gate.release()
+    url = ((await asyncio.wait_for(task, WAIT)).data or [])[0].url
+    assert url is not None
+
+    fake.enqueue(Hang(), path=IMAGES_PATH)
+    with pytest.raises(openai.APITimeoutError):
+        await client.images.generate(model="gpt-image-1", prompt="slow", timeout=0.3)
+
+    # Downloads carry no key: script them on the default queue.
+    fake.enqueue(server_error(), path=FILES_PATH)
+    download = fake.hold_next(path=FILES_PATH)
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.create_task(session.get(url))
+        await download.wait_arrived(WAIT)
+        download.release()
+        async with await asyncio.wait_for(pending, WAIT) as resp:
+            assert resp.status == 500
+        async with session.get(url) as resp:
+            assert await resp.read() == FAKE_IMAGE_PNG

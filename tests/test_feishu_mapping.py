@@ -16,6 +16,7 @@ from lark_oapi.event.dispatcher_handler import EventDispatcherHandler
 from bot.feishu.messages import (
     FeishuMessage,
     InboxPayloadError,
+    MediaItem,
     conversation_key,
     from_inbound,
     strip_bot_mention,
@@ -141,30 +142,48 @@ def test_a_recorded_group_reply_maps_to_its_thread_through_the_channel() -> None
     assert message.kind == "text"
 
 
-def test_media_is_marked_unsupported_and_described() -> None:
-    message = from_inbound(inbound('<file key="k" name="a.pdf"/>', message_type="file"), BOT)
-    assert message.kind == "unsupported"
-    assert message.text == ""
-    assert message.describe_type() == "a file"
-    assert mapped(sample("p2p_image")).describe_type() == "an image"
+def test_an_image_a_file_and_a_voice_message_carry_their_resource_keys() -> None:
+    image = mapped(sample("p2p_image"))
+    assert (image.kind, image.text) == ("image", "")
+    assert image.media == (MediaItem("image", "img_v3_02ab_0d6d1a3b-1f2e-4c8b-a1f0-123456789abg"),)
+    document = mapped(sample("p2p_file"))
+    assert document.kind == "file"
+    assert document.media == (MediaItem("file", "file_v3_00ab", name="report.pdf"),)
+    voice = sample("p2p_file")
+    voice["event"]["message"]["message_type"] = "audio"
+    voice["event"]["message"]["content"] = '{"file_key": "file_v3_voice", "duration": 4200}'
+    assert mapped(voice).kind == "voice"
+    assert mapped(voice).media == (MediaItem("audio", "file_v3_voice", duration_ms=4200),)
 
 
-def test_a_post_keeps_its_text_and_code_and_drops_its_images() -> None:
+def test_other_media_are_marked_unsupported_and_described() -> None:
+    sticker = mapped(sample("p2p_sticker"))
+    assert (sticker.kind, sticker.media) == ("unsupported", ())
+    assert sticker.describe_type() == "a sticker"
+
+
+def test_a_media_message_round_trips_through_the_inbox() -> None:
+    message = mapped(sample("p2p_file"))
+    assert FeishuMessage.from_json(message.to_json()) == message
+
+
+def test_a_post_keeps_its_text_and_code_and_carries_its_images_as_media() -> None:
     message = mapped(sample("p2p_post"))  # title, text, a code block and an image
     assert message.kind == "text"
     assert message.text == "# Question\n\nExplain this code: \n\n```python\nprint(1)\n```"
+    assert [(item.kind, item.key.startswith("img_")) for item in message.media] == [("image", True)]
 
 
-def test_a_post_of_only_images_is_answered_like_an_image() -> None:
+def test_a_post_of_only_images_is_held_like_an_image() -> None:
     message = mapped(
         post_event([{"tag": "img", "image_key": "img_v3_a"}], [{"tag": "img", "image_key": "k2"}])
     )
-    assert message.kind == "unsupported"
+    assert message.kind == "image"
     assert message.text == ""
-    assert message.describe_type() == "an image"
+    assert [item.key for item in message.media] == ["img_v3_a", "k2"]
 
 
-def test_a_group_post_of_the_bots_mention_and_an_image_is_answered_like_an_image() -> None:
+def test_a_group_post_of_the_bots_mention_and_an_image_is_held_like_an_image() -> None:
     event = post_event(
         [{"tag": "at", "user_id": SAMPLE_BOT, "user_name": "GPT Bot"}],
         [{"tag": "img", "image_key": "img_v3_a"}],
@@ -174,7 +193,7 @@ def test_a_group_post_of_the_bots_mention_and_an_image_is_answered_like_an_image
         "mentions"
     ]
     message = mapped(event)
-    assert (message.kind, message.describe_type()) == ("unsupported", "an image")
+    assert (message.kind, [item.key for item in message.media]) == ("image", ["img_v3_a"])
 
 
 def test_a_post_of_only_a_video_is_answered_like_a_video() -> None:
@@ -228,7 +247,7 @@ def test_a_message_survives_the_inbox_round_trip() -> None:
     message = from_inbound(inbound("你好"), BOT)
     assert FeishuMessage.from_json(message.to_json()) == message
     image_post = mapped(post_event([{"tag": "img", "image_key": "img_v3_a"}]))
-    assert FeishuMessage.from_json(image_post.to_json()).describe_type() == "an image"
+    assert FeishuMessage.from_json(image_post.to_json()) == image_post
 
 
 def test_an_inbox_payload_ignores_unknown_fields_and_defaults_missing_optional_ones() -> None:
@@ -276,7 +295,10 @@ def _with(name: str, value: Any) -> str:
         (_without("text"), "text: missing"),
         (_with("text", 5), "text: expected a string, got a number"),
         (_with("chat_id", None), "chat_id: expected a string, got null"),
-        (_with("kind", "video"), "kind: expected 'text' or 'unsupported'"),
+        (_with("kind", "video"), "kind: expected one of text, voice, image, file, unsupported"),
+        (_with("media", "x"), "media: expected a list, got a string"),
+        (_with("media", [{"kind": "video", "key": "k"}]), "media kind: unknown 'video'"),
+        (_with("media", [5]), "media: expected an object, got a number"),
         (_with("create_time_ms", "1764000000000"), "create_time_ms: expected an integer"),
         (_with("create_time_ms", True), "create_time_ms: expected an integer, got a boolean"),
         (_with("in_group", "yes"), "in_group: expected true or false, got a string"),

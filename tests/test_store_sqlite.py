@@ -113,7 +113,9 @@ async def test_a_version_1_database_is_migrated_and_its_rows_read_back(tmp_path:
     connection.close()
 
 
-async def test_a_version_2_database_is_migrated_to_3_and_keeps_its_rows(tmp_path: Path) -> None:
+async def test_a_version_2_database_is_migrated_to_the_latest_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "bot.db"
     with sqlite3.connect(path) as connection:
         connection.executescript(MIGRATIONS[0])
@@ -146,7 +148,7 @@ async def test_a_version_2_database_is_migrated_to_3_and_keeps_its_rows(tmp_path
     await store.close()
 
     with sqlite3.connect(path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         plan = connection.execute(
             "EXPLAIN QUERY PLAN DELETE FROM sent_messages WHERE created_at < 5"
         ).fetchall()

@@ -109,3 +109,19 @@ class AccessControl:
                 f"({tokens:,} so far). {resets}"
             )
         return None
+
+    async def images_exceeded(self, user_id: str, user_ids: Iterable[str]) -> str | None:
+        """The message to show when the user drew ``access.daily_images_per_user`` images
+        today (0: no limit); None when they may draw another."""
+        limit = self._settings.daily_images_per_user
+        if not limit or self.is_admin([user_id, *user_ids]):
+            return None
+        now = self._clock()
+        today = day_of(now)
+        drawn = sum(row.images for row in await self._store.usage_between(today, today, user_id))
+        if drawn < limit:
+            return None
+        return (
+            f"You have drawn your {limit} images for today. It resets at midnight, in "
+            f"{describe_wait(until_midnight(now))}."
+        )

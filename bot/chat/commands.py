@@ -23,6 +23,7 @@ class CommandName(Enum):
     USAGE = "usage"
     KEY = "key"
     KEYS = "keys"
+    DRAW = "draw"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ _ALIASES: dict[str, CommandName] = {
     "key": CommandName.KEY,
     "密钥": CommandName.KEY,
     "keys": CommandName.KEYS,
+    "draw": CommandName.DRAW,
+    "image": CommandName.DRAW,
+    "画": CommandName.DRAW,
+    "画图": CommandName.DRAW,
 }
 
 # A command is "/word" at the very start, optionally followed by an argument. A path such as
@@ -75,6 +80,11 @@ _EVERYONE = (
     "/usage — your requests and tokens today and this month (also /用量)",
     "/help — this help (also /帮助)",
 )
+_DRAW = ("/draw <description> — draw an image (also /image, /画)",)
+_MEDIA_INTRO = (
+    "You may also send me a voice message, an image or a file (text, code, CSV, JSON, PDF) "
+    "and then ask about it."
+)
 _DONORS = (
     "/key add <key> — share an API key with the bot (in a private chat; or just send the key)",
     "/key mine — the keys you shared, their state and today's use",
@@ -86,9 +96,12 @@ _ADMINS = (
 )
 
 
-def help_text(*, admin: bool = False, donations: bool = True) -> str:
-    """The help: every command with a one-line description; admin commands only for admins."""
-    lines = [_INTRO, "", "Commands:", *_EVERYONE]
+def help_text(*, admin: bool = False, donations: bool = True, drawing: bool = True) -> str:
+    """The help: every command with a one-line description; admin commands only for admins,
+    /draw only when drawing is on."""
+    lines = [_INTRO, _MEDIA_INTRO, "", "Commands:", *_EVERYONE]
+    if drawing:
+        lines[-1:-1] = _DRAW
     if donations:
         lines += _DONORS
     if admin:

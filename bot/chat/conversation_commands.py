@@ -166,7 +166,8 @@ class ConversationCommands:
     # ---- /usage ------------------------------------------------------------------------------
 
     async def usage(self, asker: Asker) -> str:
-        """The user's requests and tokens today and this month; for admins everyone's too."""
+        """The user's requests, tokens and images drawn today and this month; for admins
+        everyone's too."""
         today = day_of(self._clock())
         first = month_start(today)
         month = await self._store.usage_between(first, today)
@@ -190,7 +191,9 @@ class ConversationCommands:
 
 def _figures(rows: Sequence[Usage]) -> str:
     requests, tokens = totals(rows)
-    return f"{requests:,} requests, {tokens:,} tokens"
+    images = sum(row.images for row in rows)
+    drawn = f", {images:,} image{'s' if images != 1 else ''} drawn" if images else ""
+    return f"{requests:,} requests, {tokens:,} tokens{drawn}"
 
 
 def _grouped(rows: Sequence[Usage], field: str) -> list[tuple[str, list[Usage]]]:

@@ -22,6 +22,7 @@ def build_prompt(
     budget_tokens: int,
     *,
     examples: Sequence[tuple[str, str]] = (),
+    images: Sequence[str] = (),
 ) -> list[ChatMessage]:
     """The messages to send: system prompt, examples, trimmed history, the current message.
 
@@ -30,7 +31,8 @@ def build_prompt(
     beforehand). History goes first, oldest turns first, in whole user→assistant exchanges where
     possible, so the model never sees an answer without its question. The persona's few-shot
     ``examples`` travel as prior user/assistant turns right after the system prompt; they are
-    trimmed only once no history is left, the last pair first.
+    trimmed only once no history is left, the last pair first. ``images`` (``data:`` URLs) go
+    with the current message; the caller takes their cost off the budget.
     """
     remaining = budget_tokens - estimate_message_tokens(system_prompt)
     remaining -= estimate_message_tokens(current)
@@ -52,7 +54,7 @@ def build_prompt(
     for question, answer in pairs:
         messages += [ChatMessage("user", question), ChatMessage("assistant", answer)]
     messages += [ChatMessage(turn.role, turn.content) for turn in kept]
-    messages.append(ChatMessage("user", current))
+    messages.append(ChatMessage("user", current, tuple(images)))
     return messages
 
 

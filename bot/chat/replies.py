@@ -33,11 +33,20 @@ class ReplyNotice:
 
 
 @dataclass(frozen=True)
+class ReplyPreface:
+    """Markdown shown above the answer (a voice message's transcript), not part of it."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Exchange:
-    """What a delivered reply adds to the store: history turns and the usage it cost."""
+    """What a delivered reply adds to the store: history turns, the usage it cost, and the
+    held attachments it used (``release``: their ids, dropped with the answer)."""
 
     turns: tuple[Turn, ...] = ()
     usage: UsageRecord | None = None
+    release: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class ReplyFailed:
     reason: str
 
 
-ReplyEvent = ReplyDelta | ReplyNotice | ReplyFinished | ReplyFailed
+ReplyEvent = ReplyDelta | ReplyNotice | ReplyPreface | ReplyFinished | ReplyFailed
 
 
 class Reply:
@@ -143,9 +152,9 @@ class Reply:
                     SentMessage(each, answer.conversation_id, answer.content, answer.created_at)
                     for each in sent_ids
                 ]
-            if exchange.turns or exchange.usage is not None or message_ids:
+            if exchange.turns or exchange.usage is not None or message_ids or exchange.release:
                 await self._store.complete_message(
-                    message_ids, exchange.turns, exchange.usage, sent
+                    message_ids, exchange.turns, exchange.usage, sent, exchange.release
                 )
         finally:
             await self.aclose()

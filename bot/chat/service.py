@@ -21,6 +21,16 @@ from bot.chat.commands import Command, CommandName, help_text, parse_command, un
 from bot.chat.conversation_commands import Asker, ConversationCommands
 from bot.chat.history import build_prompt, fit_tokens, with_quote
 from bot.chat.key_commands import GROUP_KEY_TEXT, KeyCommands
+from bot.chat.media import (
+    ImageHost,
+    MediaMessage,
+    MediaReader,
+    MediaRef,
+    Question,
+    image_markdown,
+    preface_for,
+    sniff_image_type,
+)
 from bot.chat.ordering import ConversationQueue, Place
 from bot.chat.personas import Persona, PersonaBook
 from bot.chat.replies import (
@@ -32,10 +42,17 @@ from bot.chat.replies import (
     ReplyFailed,
     ReplyFinished,
     ReplyNotice,
+    ReplyPreface,
 )
 from bot.chat.tokens import estimate_message_tokens, estimate_tokens
 from bot.config import AccessSettings, ChatSettings
-from bot.errors import AllKeysUnavailable, LLMError, ReplyInterrupted, RequestRejected
+from bot.errors import (
+    AllKeysUnavailable,
+    LLMError,
+    MediaUnavailable,
+    ReplyInterrupted,
+    RequestRejected,
+)
 from bot.keyshapes import is_key_message
 from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
 from bot.logging import contains_api_key, get_logger
@@ -75,6 +92,13 @@ class IncomingMessage:
     user_ids: tuple[str, ...] = ()
     quoted_message_id: str = ""
     quoted_is_root: bool = False
+    media: tuple[MediaRef, ...] = ()
+
+    @property
+    def holder(self) -> str:
+        """Where attachments sent alone wait for this sender's question: the sender in this
+        chat (in a group, whatever thread the question comes in)."""
+        return f"{self.chat_id}|{self.user_id}" if self.chat_id else self.conversation_id
 
 
 class QuoteUnavailable(Exception):
@@ -118,6 +142,7 @@ class ConversationService:
         secrets: Sequence[str] = (),
         access: AccessControl | None = None,
         donations: bool = True,
+        media: MediaReader | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
@@ -140,10 +165,24 @@ class ConversationService:
         )
         #: where quoted messages are read from; set by the transport (None: quotes ignored)
         self.quotes: QuoteSource | None = None
+        #: voice, images and files (None: the transport sends text only)
+        self.media = media
+        #: where drawn images are published; set by the transport (None: /draw is refused)
+        self.images: ImageHost | None = None
 
     def help_for(self, user_ids: Sequence[str]) -> str:
         """The help as this user should see it (admin commands only for admins)."""
-        return help_text(admin=self.access.is_admin(user_ids), donations=self._donations)
+        return help_text(
+            admin=self.access.is_admin(user_ids),
+            donations=self._donations,
+            drawing=self._draw_model is not None,
+        )
+
+    @property
+    def _draw_model(self) -> str | None:
+        if self.media is None or not self.media.options.image_model:
+            return None
+        return self.media.options.image_model
 
     def handle(self, message: IncomingMessage) -> Reply:
         """Queue ``message`` in its conversation and return its reply events."""
@@ -159,6 +198,28 @@ class ConversationService:
         bound = log.bind(conversation=message.conversation_id, message_id=message.message_id)
         asker = Asker(message.conversation_id, message.chat_id, message.user_id, message.user_ids)
         text = message.text.strip()
+        question: Question | None = None
+        if any(item.kind == "audio" for item in message.media):
+            # A transcription costs as much as a question: not for a user over the quota.
+            refusal = await self.access.quota_exceeded(message.user_id, message.user_ids)
+            if refusal is not None:
+                bound.info("quota_reached")
+                yield ReplyFailed(refusal, reason="quota")
+                return
+        if message.media and self.media is not None:
+            intake = await self.media.intake(
+                MediaMessage(
+                    message.message_id, message.user_id, message.holder, text, message.media
+                )
+            )
+            if isinstance(intake, str):
+                yield ReplyFinished(intake)
+                return
+            if intake is not None:
+                question = intake
+                if question.spoken:
+                    yield ReplyPreface(preface_for(question.text))
+                text = question.text
         if not text:
             yield ReplyFinished(self.help_for(asker.all_ids))
             return
@@ -196,6 +257,10 @@ class ConversationService:
                 reason="input_too_long",
             )
             return
+        if command is not None and command.name is CommandName.DRAW:
+            async for event in self._draw(message, command.argument, bound):
+                yield event
+            return
         if command is not None:
             yield ReplyFinished(await self._run_command(command, asker, bound))
             return
@@ -204,6 +269,9 @@ class ConversationService:
             bound.info("quota_reached")
             yield ReplyFailed(refusal, reason="quota")
             return
+        question = question or Question(text)
+        if self.media is not None:
+            question = await self.media.with_held(message.holder, question)
         persona = await self.personas.current(message.conversation_id, message.chat_id)
         model = await self.commands.chosen_model(message.user_id) or persona.model or self._model
         fixed = estimate_message_tokens(persona.system)
@@ -216,19 +284,35 @@ class ConversationService:
             )
             return
         history = await self._load_history(message.conversation_id)
-        current, quote_note = text, ""
+        quote, quote_note = "", ""
         if message.quoted_message_id and self.quotes is not None:
             quote, quote_note = await self._quote(message, text, persona, history, bound)
-            if quote:
-                current = with_quote(quote, text)
         budget = self._settings.max_history_tokens
+        room = budget - fixed - estimate_message_tokens(text) - estimate_tokens(quote)
+        question.fit((room - question.image_tokens) // 2)  # leave room for history
+        current, remembered = question.prompt_text, question.history_text
+        if quote:
+            current, remembered = with_quote(quote, current), with_quote(quote, remembered)
+        note = _joined(quote_note, *question.notes) or ""
         for attempt in range(2):
             prompt = build_prompt(
-                persona.system, history, current, budget, examples=persona.examples
+                persona.system,
+                history,
+                current,
+                budget - question.image_tokens,
+                examples=persona.examples,
+                images=question.images,
             )
             try:
                 async for event in self._stream(
-                    message, current, prompt, bound, model=model, persona=persona, note=quote_note
+                    message,
+                    prompt,
+                    bound,
+                    model=model,
+                    persona=persona,
+                    note=note,
+                    remembered=remembered,
+                    release=tuple(question.release),
                 ):
                     yield event
                 return
@@ -299,15 +383,18 @@ class ConversationService:
     async def _stream(
         self,
         message: IncomingMessage,
-        current: str,
         prompt: list[ChatMessage],
         bound: BoundLogger,
         *,
         model: str | None,
         persona: Persona,
         note: str = "",
+        remembered: str,
+        release: tuple[int, ...] = (),
     ) -> AsyncIterator[ReplyEvent]:
-        """Stream the answer; ``note`` is shown under it, before any note of how it ended."""
+        """Stream the answer; ``note`` is shown under it, before any note of how it ended.
+        ``remembered`` is the question as the history keeps it; the answer's commit releases
+        the held attachments ``release``."""
         answer = ""
         key_id = ""
         stream = self._llm.stream(
@@ -329,7 +416,9 @@ class ConversationService:
                         answer,
                         note=end_note,
                         complete=complete,
-                        exchange=self._exchange(message, current, answer, usage, key_id, complete),
+                        exchange=self._exchange(
+                            message, remembered, answer, usage, key_id, complete, release
+                        ),
                         info=AnswerInfo(model or "", key_id, event.usage),
                     )
                 else:
@@ -350,11 +439,12 @@ class ConversationService:
                 complete=False,
                 exchange=self._exchange(
                     message,
-                    current,
+                    remembered,
                     partial,
                     _estimate_usage(prompt, partial),
                     key_id,
-                    complete=False,
+                    False,
+                    release,
                 ),
                 info=AnswerInfo(model or "", key_id),
             )
@@ -369,6 +459,55 @@ class ConversationService:
                 "Sorry, the model is not answering right now. Please try again in a minute.",
                 reason=str(exc),
             )
+
+    async def _draw(
+        self, message: IncomingMessage, prompt: str, bound: BoundLogger
+    ) -> AsyncIterator[ReplyEvent]:
+        """``/draw``: draw an image with the endpoint, publish it, show it with its prompt."""
+        model = self._draw_model
+        if model is None or self.media is None:
+            yield ReplyFinished(DRAW_OFF_TEXT)
+            return
+        if not prompt:
+            yield ReplyFinished("Tell me what to draw, for example: /draw a lighthouse at dawn")
+            return
+        if self.images is None:
+            yield ReplyFinished("I cannot show images here, so I cannot draw.")
+            return
+        for refusal in (
+            await self.access.quota_exceeded(message.user_id, message.user_ids),
+            await self.access.images_exceeded(message.user_id, message.user_ids),
+        ):
+            if refusal is not None:
+                bound.info("quota_reached", what="images")
+                yield ReplyFailed(refusal, reason="quota")
+                return
+        yield ReplyNotice("Drawing… this takes a little while.")
+        try:
+            drawn = await self.media.draw(prompt, model=model, user_id=message.user_id)
+        except RequestRejected as exc:
+            bound.warning("draw_rejected", reason=str(exc))
+            yield ReplyFailed(DRAW_REFUSED_TEXT, reason=str(exc))
+            return
+        except AllKeysUnavailable as exc:
+            yield ReplyFailed(_no_key_text(str(exc)), reason=str(exc))
+            return
+        except LLMError as exc:
+            bound.warning("draw_failed", reason=str(exc))
+            yield ReplyFailed(DRAW_FAILED_TEXT, reason=str(exc))
+            return
+        try:
+            reference = await self.images.publish(drawn.data, sniff_image_type(drawn.data))
+        except MediaUnavailable as exc:
+            bound.warning("drawing_not_published", reason=str(exc))
+            yield ReplyFailed(f"I drew it, but could not show it to you: {exc}", reason=str(exc))
+            return
+        bound.info("image_drawn", bytes=len(drawn.data))
+        usage = UsageRecord(day_of(self._clock()), message.user_id, drawn.key_id, 0, 0, images=1)
+        yield ReplyFinished(
+            f"{image_markdown(reference, prompt)}\n\n_{_one_line(prompt)}_",
+            exchange=Exchange(usage=usage),
+        )
 
     async def _load_history(self, conversation_id: str) -> list[Turn]:
         budget = self._settings.max_history_tokens
@@ -388,8 +527,9 @@ class ConversationService:
         usage: TokenUsage,
         key_id: str,
         complete: bool,
+        release: tuple[int, ...] = (),
     ) -> Exchange:
-        """The turns and usage to save once the answer was delivered."""
+        """The turns, usage and used attachments to save once the answer was delivered."""
         now = self._clock()
         turns = [Turn(message.conversation_id, "user", question, now, _tokens(question))]
         if answer:
@@ -400,11 +540,24 @@ class ConversationService:
         record = UsageRecord(
             day_of(now), message.user_id, key_id, usage.prompt_tokens, usage.completion_tokens
         )
-        return Exchange(tuple(turns), record if key_id else None)
+        return Exchange(tuple(turns), record if key_id else None, release)
 
 
 #: finish reasons after which the answer is not the whole answer
 _STOPPED_EARLY = frozenset({"length", "content_filter"})
+
+
+DRAW_OFF_TEXT = "Drawing is turned off here (the bot's owner can set llm.image_model)."
+DRAW_REFUSED_TEXT = (
+    "The image service refused to draw this (its safety rules, most likely). "
+    "Try describing it differently."
+)
+DRAW_FAILED_TEXT = "Sorry, I could not draw that right now. Please try again in a minute."
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, safe inside ``_…_`` emphasis."""
+    return " ".join(text.replace("_", " ").split())
 
 
 def _joined(*notes: str | None) -> str | None:

@@ -23,7 +23,7 @@ they come from:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -268,9 +268,14 @@ async def check_bot(http: httpx.AsyncClient, domain: str, token: str) -> Result:
 
 
 async def check_scopes(
-    http: httpx.AsyncClient, domain: str, token: str, access: AccessSettings
+    http: httpx.AsyncClient,
+    domain: str,
+    token: str,
+    access: AccessSettings,
+    media: Sequence[NeededScope] = (),
 ) -> list[Result]:
-    """Every scope the configured features need is granted; one result per missing scope."""
+    """Every scope the configured features need is granted; one result per missing scope (a
+    warning for the ``media`` scopes, without which only media degrade)."""
     try:
         answer = await request(http, "GET", domain + SCOPES_PATH, headers=_bearer(token))
     except NoAnswer as exc:
@@ -304,6 +309,10 @@ async def check_scopes(
         results.append(
             Result.ok(NAME_SCOPES, f"all {len(needed)} scopes the bot needs are granted")
         )
+    for scope in media:
+        if scope.name not in granted:
+            missing = _missing(domain, scope, requested, [])
+            results.append(Result.warn(missing.name, missing.detail, missing.fix))
     if not user_ids and USER_ID_SCOPE.name not in granted:
         note = (
             f"{USER_ID_SCOPE.name} is not granted; not needed while access.allow and "

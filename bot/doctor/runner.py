@@ -23,6 +23,7 @@ from bot.doctor.console import FEISHU_DOMAIN, LARK_DOMAIN
 from bot.doctor.llm import KeyToCheck, check_llm, keys_of
 from bot.doctor.manual import manual_steps
 from bot.doctor.report import Report, Result
+from bot.doctor.scopes import media_scopes
 from bot.doctor.store import open_and_probe, running_bot
 from bot.llm.keypool import key_id_of
 from bot.logging import Redactor
@@ -130,7 +131,9 @@ async def _feishu_checks(
         names = (feishu.NAME_BOT, feishu.NAME_SCOPES, longconn.NAME)
         return results + [Result.warn(name, skipped) for name in names]
     results.append(await feishu.check_bot(http, domain, token))
-    results += await feishu.check_scopes(http, domain, token, settings.access)
+    results += await feishu.check_scopes(
+        http, domain, token, settings.access, media_scopes(settings)
+    )
     results.append(
         await longconn.check_long_connection(
             http, settings.feishu, timeout_s=options.timeout_s, running_bot=running

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from bot.config import AccessSettings
+from bot.config import AccessSettings, Settings
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,29 @@ USER_ID_SCOPE: Final = NeededScope(
     "never match anyone",
 )
 """Needed only when the access lists name user_ids (see :func:`needs_user_ids`)."""
+
+RESOURCE_SCOPE: Final = NeededScope(
+    "im:resource",
+    "the images, files and voice messages users send cannot be downloaded, and drawings and "
+    "formulas cannot be shown as images",
+)
+"""Needed for media; text answers work without it (a warning, not a failure)."""
+
+SPEECH_SCOPE: Final = NeededScope(
+    "speech_to_text:speech",
+    "voice messages cannot be transcribed: llm.transcription_model is not set, so Feishu's "
+    "speech-to-text is the only way",
+)
+"""Needed for voice messages when the endpoint does not transcribe them."""
+
+
+def media_scopes(settings: Settings) -> list[NeededScope]:
+    """The scopes the media features of ``settings`` use (missing ones are warnings)."""
+    scopes = [RESOURCE_SCOPE]
+    if settings.llm.speech_model() is None:
+        scopes.append(SPEECH_SCOPE)
+    return scopes
+
 
 _ID_PREFIXES_WITHOUT_SCOPE: Final = ("ou_", "oc_")
 """open_ids and chat ids arrive in every event; any other id is taken for a user_id."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bot.chat.access import REFUSAL_TEXT
+from bot.chat.media import MediaRef
 from bot.chat.replies import Reply, ReplyFailed, ReplyFinished
 from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings
@@ -58,8 +59,8 @@ TOO_LATE_TEXT = (
     "Please send it again if you still need an answer."
 )
 UNSUPPORTED_TEXT = (
-    "I can only read text for now, so I cannot look at {what}. "
-    "Please describe it in words and I will gladly help."
+    "I cannot read {what}: I understand text, voice messages, images and files (text, code, "
+    "CSV, JSON, PDF). Please describe it in words and I will gladly help."
 )
 #: first wait before offering an undelivered reply again; it doubles up to REDELIVERY_MAX_WAIT_S
 REDELIVERY_FIRST_WAIT_S = 2.0
@@ -160,7 +161,11 @@ class Answerer:
         if burst is None or self._closing:
             return
         *earlier, last = burst.messages
-        merged = dataclasses.replace(last, text="\n".join(m.text for m in burst.messages))
+        merged = dataclasses.replace(
+            last,
+            text="\n".join(m.text for m in burst.messages),
+            media=tuple(item for m in burst.messages for item in m.media),
+        )
         job_ids = [m.message_id for m in earlier]
         self._start_answer(
             merged, DeliveryRecord(), burst.accepted_at, delayed=False, merged_ids=job_ids
@@ -181,7 +186,7 @@ class Answerer:
             )
             self._start(refusal)
             return
-        if message.kind != "text":
+        if message.kind == "unsupported":
             text = UNSUPPORTED_TEXT.format(what=message.describe_type())
             self._start(_Job(message, record, accepted_at, text=text))
             return
@@ -197,6 +202,10 @@ class Answerer:
                 user_ids=message.sender_ids[1:],
                 quoted_message_id=message.parent_id,
                 quoted_is_root=message.quotes_thread_root,
+                media=tuple(
+                    MediaRef(item.kind, item.key, item.name, item.duration_ms)
+                    for item in message.media
+                ),
             )
         )
         job = _Job(

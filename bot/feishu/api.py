@@ -19,10 +19,12 @@ it already created, so a retry after a lost response never posts a second reply.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, overload
 
 from tenacity import (
     AsyncRetrying,
@@ -32,7 +34,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from bot.feishu.transport import Transport, TransportError
+from bot.feishu.transport import AnswerTooLarge, Transport, TransportError, Upload
 from bot.logging import get_logger
 from bot.timing import Sleep
 
@@ -50,6 +52,27 @@ CODE_RECALLED = 230011
 CODE_EDIT_WINDOW_PASSED = 230031
 CODE_CARD_TOO_LARGE = 230025
 CODE_SEQUENCE_NOT_INCREASING = 300317
+
+#: the bot's own code for a download over the size it allows (Feishu has no such code)
+CODE_TOO_LARGE = -2
+
+T = TypeVar("T")
+#: turns a raw answer (what, status, headers, body) into a result, or raises FeishuApiError
+Reader = Callable[[str, int, Mapping[str, str], bytes], T]
+ResourceType = Literal["image", "file"]
+
+
+@dataclass(frozen=True)
+class _Request:
+    what: str
+    method: str
+    uri: str
+    paths: Mapping[str, str]
+    queries: Sequence[tuple[str, str]]
+    body: Any
+    upload: Upload | None
+    max_bytes: int | None
+
 
 _SCOPE_IN_MESSAGE = re.compile(r"\[([A-Za-z0-9_:.\-, ]+)\]")
 _MAX_RESET_HINT_S = 60.0
@@ -229,7 +252,84 @@ class FeishuApi:
             retry=retry,
         )
 
+    async def download_resource(
+        self, message_id: str, key: str, kind: ResourceType, *, max_bytes: int
+    ) -> bytes:
+        """The bytes of an image, file or voice message a user sent (``kind`` ``image`` for
+        images, ``file`` for files and voice); a resource over ``max_bytes`` raises
+        :class:`FeishuApiError` with code :data:`CODE_TOO_LARGE` before it is read whole."""
+        return await self.call(
+            "resource_download",
+            "GET",
+            "/open-apis/im/v1/messages/:message_id/resources/:file_key",
+            paths={"message_id": message_id, "file_key": key},
+            queries=[("type", kind)],
+            max_bytes=max_bytes,
+            read=read_bytes,
+        )
+
+    async def upload_image(self, data: bytes, *, content_type: str = "image/png") -> str:
+        """Upload an image to show in messages and cards (Feishu takes up to 10 MB); return its
+        ``image_key``."""
+        upload = Upload(
+            fields={"image_type": "message"},
+            file_field="image",
+            file_name="image.png" if content_type == "image/png" else "image.jpg",
+            data=data,
+            content_type=content_type,
+        )
+        answer = await self.call("image_upload", "POST", "/open-apis/im/v1/images", upload=upload)
+        image_key = str(answer.get("image_key") or "")
+        if not image_key:
+            raise FeishuApiError("image_upload", code=-1, msg="no image_key in the answer")
+        return image_key
+
+    async def recognize_speech(self, pcm: bytes, *, file_id: str) -> str:
+        """Feishu's speech-to-text of at most 60 s of 16 kHz mono 16-bit PCM; ``file_id`` is
+        16 characters naming this recording. Return the text ("" when nothing was heard)."""
+        body = {
+            "speech": {"speech": base64.b64encode(pcm).decode("ascii")},
+            "config": {"file_id": file_id, "format": "pcm", "engine_type": "16k_auto"},
+        }
+        data = await self.call(
+            "speech_recognize",
+            "POST",
+            "/open-apis/speech_to_text/v1/speech/file_recognize",
+            body=body,
+        )
+        return str(data.get("recognition_text") or "")
+
     # ---- the machinery -----------------------------------------------------------------------
+
+    @overload
+    async def call(
+        self,
+        what: str,
+        method: str,
+        uri: str,
+        *,
+        paths: Mapping[str, str] | None = None,
+        queries: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        upload: Upload | None = None,
+        retry: bool = True,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def call(
+        self,
+        what: str,
+        method: str,
+        uri: str,
+        *,
+        paths: Mapping[str, str] | None = None,
+        queries: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        upload: Upload | None = None,
+        retry: bool = True,
+        max_bytes: int | None = None,
+        read: Reader[T],
+    ) -> T: ...
 
     async def call(
         self,
@@ -240,10 +340,13 @@ class FeishuApi:
         paths: Mapping[str, str] | None = None,
         queries: Sequence[tuple[str, str]] = (),
         body: Any = None,
+        upload: Upload | None = None,
         retry: bool = True,
-    ) -> dict[str, Any]:
+        max_bytes: int | None = None,
+        read: Reader[Any] | None = None,
+    ) -> Any:
         """Make the call (retrying transient failures unless ``retry`` is False); return its
-        ``data`` or raise :class:`FeishuApiError`."""
+        ``data`` (or what ``read`` makes of the raw answer) or raise :class:`FeishuApiError`."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts if retry else 1),
             retry=retry_if_exception(lambda exc: isinstance(exc, FeishuApiError) and exc.retryable),
@@ -252,9 +355,10 @@ class FeishuApi:
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        request = _Request(what, method, uri, paths or {}, queries, body, upload, max_bytes)
         async for attempt in retrying:
             with attempt:
-                return await self._call_once(what, method, uri, paths or {}, queries, body)
+                return await self._call_once(request, read or read_answer)
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
     def _wait(self, state: RetryCallState) -> float:
@@ -279,22 +383,23 @@ class FeishuApi:
         if error.code in CODES_TOKEN_INVALID and self._on_token_invalid is not None:
             await self._on_token_invalid()
 
-    async def _call_once(
-        self,
-        what: str,
-        method: str,
-        uri: str,
-        paths: Mapping[str, str],
-        queries: Sequence[tuple[str, str]],
-        body: Any,
-    ) -> dict[str, Any]:
+    async def _call_once(self, request: _Request, read: Reader[T]) -> T:
+        what = request.what
         try:
             status, headers, content = await self._transport.request(
-                method, uri, paths, queries, body
+                request.method,
+                request.uri,
+                request.paths,
+                request.queries,
+                request.body,
+                upload=request.upload,
+                max_bytes=request.max_bytes,
             )
+        except AnswerTooLarge as exc:
+            raise FeishuApiError(what, code=CODE_TOO_LARGE, msg=str(exc), status=200) from None
         except TransportError as exc:
             raise FeishuApiError(what, code=-1, msg=str(exc), retryable=True) from None
-        return read_answer(what, status, headers, content)
+        return read(what, status, headers, content)
 
     async def aclose(self) -> None:
         """Release the transport's connections."""
@@ -331,6 +436,14 @@ def read_answer(
         retryable=rate_limited or status >= 500 or code in CODES_TOKEN_INVALID,
         retry_after=_reset_hint(headers) if rate_limited else None,
     )
+
+
+def read_bytes(what: str, status: int, headers: Mapping[str, str], content: bytes) -> bytes:
+    """The body of a successful download; Feishu's JSON error answer raised as usual."""
+    if 200 <= status < 300 and "json" not in headers.get("content-type", ""):
+        return content
+    read_answer(what, status, headers, content)  # raises for every error answer
+    raise FeishuApiError(what, code=-1, msg="a JSON answer instead of the file", status=status)
 
 
 def _reset_hint(headers: Mapping[str, str]) -> float | None:

@@ -31,7 +31,9 @@ from bot.errors import FeishuConnectError
 from bot.feishu import http_pool, sdk_compat
 from bot.feishu.answerer import Answerer
 from bot.feishu.api import FeishuApi
+from bot.feishu.formula_images import FormulaImages
 from bot.feishu.key_notices import KeyNotices
+from bot.feishu.media import FeishuMedia
 from bot.feishu.messages import FeishuMessage, from_inbound
 from bot.feishu.quotes import FeishuQuotes
 from bot.feishu.replier import CardReplier
@@ -121,6 +123,11 @@ class FeishuGateway:
             health_check_minutes=self._settings.keys.health_check_minutes,
         )
         self._core.service.quotes = FeishuQuotes(api, self._core.store)
+        media = FeishuMedia(api)
+        self._core.service.images = media
+        if self._core.service.media is not None:
+            self._core.service.media.source = media
+            self._core.service.media.speech = media
         self._welcomer = Welcomer(
             api,
             self._core.store,
@@ -132,6 +139,7 @@ class FeishuGateway:
             update_interval_s=self._settings.chat.stream_update_ms / 1000,
             footer=self._settings.chat.footer,
             metrics=self._metrics,
+            formulas=FormulaImages(media) if self._settings.media.formulas else None,
         )
         self._answerer = Answerer(
             self._settings,

@@ -21,10 +21,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-MessageKind = Literal["text", "unsupported"]
+MessageKind = Literal["text", "voice", "image", "file", "unsupported"]
+MediaKind = Literal["image", "file", "audio"]
 
-#: Message types whose text the bot reads; everything else gets a polite "text only" reply.
+#: Message types whose text the bot reads; the media types below are read by the service.
 READABLE_TYPES = frozenset({"text", "post"})
+#: Feishu message types the bot understands beyond text, and what it calls them
+_MEDIA_TYPES: dict[str, MessageKind] = {"audio": "voice", "image": "image", "file": "file"}
+_KINDS = ("text", "voice", "image", "file", "unsupported")
 
 _TYPE_NAMES = {
     "image": "an image",
@@ -52,6 +56,34 @@ class InboxPayloadError(ValueError):
 
 
 @dataclass(frozen=True)
+class MediaItem:
+    """A voice message, image or file a message carries, by its Feishu resource key.
+
+    ``name`` is a file's name; ``duration_ms`` a voice message's length as Feishu reports it.
+    """
+
+    kind: MediaKind
+    key: str
+    name: str = ""
+    duration_ms: int = 0
+
+    @classmethod
+    def from_json(cls, data: Any) -> MediaItem:
+        """Read one back from an inbox payload; raise :class:`InboxPayloadError`."""
+        if not isinstance(data, dict):
+            raise InboxPayloadError(f"media: expected an object, got {_json_type(data)}")
+        kind = _field(data, "kind", str)
+        if kind not in ("image", "file", "audio"):
+            raise InboxPayloadError(f"media kind: unknown {kind[:40]!r}")
+        return cls(
+            kind=kind,
+            key=_field(data, "key", str),
+            name=_field(data, "name", str, default=""),
+            duration_ms=_field(data, "duration_ms", int, default=0),
+        )
+
+
+@dataclass(frozen=True)
 class FeishuMessage:
     """An inbound Feishu message, reduced to what the bot needs. Serialisable for the inbox.
 
@@ -76,6 +108,8 @@ class FeishuMessage:
     #: the message this one replies to (quotes), and the root of its reply chain or thread
     parent_id: str = ""
     root_id: str = ""
+    #: the voice message, images or file it carries (a post may hold text and images)
+    media: tuple[MediaItem, ...] = ()
 
     @property
     def sender_ids(self) -> tuple[str, ...]:
@@ -120,8 +154,9 @@ class FeishuMessage:
         if not isinstance(data, dict):
             raise InboxPayloadError(f"not a JSON object but {_json_type(data)}")
         kind = _field(data, "kind", str)
-        if kind not in ("text", "unsupported"):
-            raise InboxPayloadError(f"kind: expected 'text' or 'unsupported', got {kind[:40]!r}")
+        if kind not in _KINDS:
+            raise InboxPayloadError(f"kind: expected one of {', '.join(_KINDS)}, got {kind[:40]!r}")
+        media = _field(data, "media", list, default=[])
         conversation_id = _field(data, "conversation_id", str)
         chat_type = _field(data, "chat_type", str, default="")
         if not chat_type:
@@ -141,6 +176,7 @@ class FeishuMessage:
             sender_user_id=_field(data, "sender_user_id", str, default=""),
             parent_id=_field(data, "parent_id", str, default=""),
             root_id=_field(data, "root_id", str, default=""),
+            media=tuple(MediaItem.from_json(item) for item in media),
         )
 
 
@@ -155,7 +191,7 @@ def _field(data: dict[str, Any], name: str, kind: type[Any], default: Any = _MIS
         return default
     value = data[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = {str: "a string", int: "an integer", bool: "true or false"}[kind]
+        expected = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}[kind]
         raise InboxPayloadError(f"{name}: expected {expected}, got {_json_type(value)}")
     return value
 
@@ -200,12 +236,19 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
     identity = getattr(inbound, "sender", None)
     sender = _str(getattr(identity, "open_id", ""))
     kind: MessageKind = "text" if message_type in READABLE_TYPES else "unsupported"
-    text, media = "", ""
+    text, held = "", ""
+    media: tuple[MediaItem, ...] = ()
     if kind == "text":
-        text, media = _readable_text(inbound, message_type)
+        text, held = _readable_text(inbound, message_type)
         text = strip_bot_mention(text, getattr(inbound, "mentions", None), bot_open_id)
-        if not text and media:
-            kind = "unsupported"  # a post of images only: answered like an image
+        if held == "image":
+            media = _media_of(inbound, message_type)
+        if not text and held:
+            # A post of images only is answered like an image; of videos, like a video.
+            kind = "image" if media else "unsupported"
+    elif message_type in _MEDIA_TYPES:
+        media = _media_of(inbound, message_type)
+        kind = _MEDIA_TYPES[message_type] if media else "unsupported"
     return FeishuMessage(
         message_id=message_id,
         chat_id=chat_id,
@@ -219,11 +262,30 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
         text=text,
         create_time_ms=_int(getattr(inbound, "create_time", 0)),
         in_group=chat_type != "p2p",
-        describe_as=media if kind == "unsupported" else "",
+        describe_as=held if kind == "unsupported" else "",
         sender_user_id=_str(getattr(identity, "user_id", "")),
         parent_id=_str(raw.get("parent_id")),
         root_id=_str(raw.get("root_id")),
+        media=media,
     )
+
+
+def _media_of(inbound: Any, message_type: str) -> tuple[MediaItem, ...]:
+    """What the channel's resource descriptors say the message carries: a post's images, an
+    image, a file or a voice message (never stickers or videos); each key once."""
+    wanted = {"post": "image", "image": "image", "file": "file", "audio": "audio"}[message_type]
+    items: dict[str, MediaItem] = {}
+    for resource in _list(getattr(inbound, "resources", None)):
+        key = _str(getattr(resource, "file_key", ""))
+        if _str(getattr(resource, "type", "")) != wanted or not key or key in items:
+            continue
+        items[key] = MediaItem(
+            kind=wanted,  # type: ignore[arg-type]
+            key=key,
+            name=_str(getattr(resource, "file_name", "")),
+            duration_ms=max(0, _int(getattr(resource, "duration_ms", 0))),
+        )
+    return tuple(items.values())
 
 
 def _readable_text(inbound: Any, message_type: str) -> tuple[str, str]:

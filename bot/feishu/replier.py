@@ -48,10 +48,12 @@ from bot.chat.replies import (
     ReplyFailed,
     ReplyFinished,
     ReplyNotice,
+    ReplyPreface,
     footer_text,
 )
 from bot.config import FooterMode
 from bot.feishu.api import CODE_SEQUENCE_NOT_INCREASING, FeishuApi, FeishuApiError
+from bot.feishu.formula_images import FormulaImages
 from bot.feishu.render import safe_markdown, safe_plain_text
 from bot.logging import get_logger
 from bot.ops.metrics import Metrics
@@ -184,8 +186,10 @@ class CardReplier:
         clock: Clock = time.time,
         footer: FooterMode = "short",
         metrics: Metrics | None = None,
+        formulas: FormulaImages | None = None,
     ) -> None:
         self._api = api
+        self._formulas = formulas
         self._interval = update_interval_s
         self._limit = card_limit_bytes
         self._clock = clock
@@ -267,6 +271,8 @@ class CardReplier:
                     result.undelivered, result.permanent = rest, not exc.retryable
                 break
             text = await self._fill(card, state)
+            if self._formulas is not None:
+                text = await self._formulas.place(text)
             if not await self._finish(card, text, target, index, result, state):
                 await state.finished.wait()
                 result.undelivered = state.rest_text()
@@ -373,7 +379,7 @@ class CardReplier:
             if text != shown and loop.time() >= paused_until:
                 answer_shown = state.first_text_due()
                 try:
-                    await card.show(text)
+                    await card.show(self._formulas.as_code(text) if self._formulas else text)
                     shown = text
                     if answer_shown:
                         self._time_first_text(state)
@@ -648,6 +654,8 @@ class _AnswerState:
             self.from_model = True
         elif isinstance(event, ReplyNotice):
             self.notice = event.text
+        elif isinstance(event, ReplyPreface):
+            self.prefix += event.text + "\n\n"
         elif isinstance(event, ReplyFinished):
             self.answer = event.text
             lines = [line for line in (event.note or "").splitlines() if line.strip()]

@@ -70,7 +70,11 @@ async def _serve(
         await gateway.start()
         async with asyncio.TaskGroup() as background:
             housekeeping = background.create_task(
-                _housekeeping(core.store, settings.chat.history_retention_days)
+                _housekeeping(
+                    core.store,
+                    settings.chat.history_retention_days,
+                    hold_minutes=settings.chat.attachment_hold_minutes,
+                )
             )
             health = background.create_task(
                 keep_keys_checked(core.pool, core.check_key, settings.keys.health_check_minutes)
@@ -120,11 +124,12 @@ async def _housekeeping(
     store: Store,
     retention_days: float,
     *,
+    hold_minutes: float = 0,
     every_s: float = HOUSEKEEPING_EVERY_S,
     clock: Clock = time.time,
 ) -> None:
-    """Now and then: drop expired dedup marks, turns older than the retention period, and
-    journaled events that were never accepted."""
+    """Now and then: drop expired dedup marks, turns older than the retention period,
+    attachments no question came for, and journaled events that were never accepted."""
     while True:
         try:
             removed = await store.purge_expired()
@@ -133,7 +138,14 @@ async def _housekeeping(
             )
             # Journaled events not accepted by now were turned away (or are too old to answer).
             forgotten = await store.forget_arrivals(before=clock() - ARRIVALS_KEPT_S)
-            log.debug("housekeeping_done", dedup_marks=removed, turns=pruned, arrivals=forgotten)
+            expired = await store.drop_held(before=clock() - hold_minutes * 60)
+            log.debug(
+                "housekeeping_done",
+                dedup_marks=removed,
+                turns=pruned,
+                arrivals=forgotten,
+                attachments=expired,
+            )
         except StoreError as exc:  # a busy or full disk now and then must not stop the bot
             log.error("housekeeping_failed", error=str(exc))
         await asyncio.sleep(every_s)

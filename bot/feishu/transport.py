@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -27,6 +28,26 @@ from bot import __version__
 
 class TransportError(Exception):
     """The call did not get an answer (connection refused or cut, timeout, no token)."""
+
+
+class AnswerTooLarge(TransportError):
+    """The answer's body is larger than the caller allows (``limit`` bytes)."""
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        super().__init__(f"the answer is larger than {limit} bytes")
+        self.size = size  # None when the server did not say (the body ran over while read)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A multipart form: text ``fields`` and one file (``file_field`` = ``data``)."""
+
+    fields: Mapping[str, str]
+    file_field: str
+    file_name: str
+    data: bytes
+    content_type: str = "application/octet-stream"
 
 
 RawAnswer = tuple[int, dict[str, str], bytes]
@@ -42,12 +63,41 @@ class Transport(Protocol):
         paths: Mapping[str, str],
         queries: Sequence[tuple[str, str]],
         body: Any,
+        *,
+        upload: Upload | None = None,
+        max_bytes: int | None = None,
     ) -> RawAnswer:
         """The answer's status, lower-cased headers and body; :class:`TransportError` when
-        there is none."""
+        there is none. ``upload`` is sent as a multipart form instead of the JSON ``body``; a
+        successful answer over ``max_bytes`` raises :class:`AnswerTooLarge` without being read
+        whole."""
 
     async def aclose(self) -> None:
         """Release the connections."""
+
+
+def _form(upload: Upload) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in upload.fields.items():
+        form.add_field(name, value)
+    form.add_field(
+        upload.file_field, upload.data, filename=upload.file_name, content_type=upload.content_type
+    )
+    return form
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, refused before reading when its length is declared too large, and as soon as
+    it runs over ``limit`` otherwise."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise AnswerTooLarge(declared, limit)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(None, limit)
+    return bytes(body)
 
 
 def _path(uri: str, paths: Mapping[str, str]) -> str:
@@ -109,19 +159,26 @@ class AiohttpTransport:
         paths: Mapping[str, str],
         queries: Sequence[tuple[str, str]],
         body: Any,
+        *,
+        upload: Upload | None = None,
+        max_bytes: int | None = None,
     ) -> RawAnswer:
         """Send the request; see :class:`Transport`."""
         headers = {"Authorization": await self._bearer()}
+        payload: dict[str, Any] = {"json": body} if upload is None else {"data": _form(upload)}
         try:
             async with self._open().request(
                 method,
                 self._domain + _path(uri, paths),
                 params=list(queries) or None,
-                json=body,
                 headers=headers,
+                **payload,
             ) as response:
-                content = await response.read()
                 answer_headers = {k.lower(): v for k, v in response.headers.items()}
+                if max_bytes is None or response.status >= 300:
+                    content = await response.read()
+                else:
+                    content = await _read_at_most(response, max_bytes)
                 return response.status, answer_headers, content
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from None

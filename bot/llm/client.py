@@ -17,11 +17,13 @@ Every attempt that got a key ends in exactly one :data:`CallOutcome`, reported t
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import httpx
 import openai
 from tenacity import (
     AsyncRetrying,
@@ -38,6 +40,7 @@ from bot.llm.classifier import Classified, Outcome, classify
 from bot.llm.events import (
     ChatMessage,
     Completed,
+    DrawnImage,
     Emit,
     StreamEvent,
     TextDelta,
@@ -51,6 +54,8 @@ from bot.logging import get_logger
 from bot.timing import Sleep
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 #: how one attempt at the endpoint ended, for the metrics
 CallOutcome = Literal[
@@ -148,7 +153,7 @@ class LLMClient:
         """
         request: dict[str, Any] = {
             "model": model or self._settings.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [{"role": m.role, "content": _content(m)} for m in messages],
         }
         if temperature is not None:
             request["temperature"] = temperature
@@ -158,8 +163,43 @@ class LLMClient:
 
         return bridge(produce)
 
-    async def _produce(self, emit: Emit, request: dict[str, Any], user_id: str) -> None:
-        retrying = AsyncRetrying(
+    async def transcribe(self, audio: bytes, *, file_name: str, model: str, user_id: str) -> str:
+        """The text of a voice recording (``audio/transcriptions``), with the same key and retry
+        rules as answers; raise like :meth:`stream` (never :class:`ReplyInterrupted`)."""
+
+        async def call(client: openai.AsyncOpenAI) -> str:
+            result = await client.audio.transcriptions.create(
+                model=model, file=(file_name, audio, _audio_type(file_name))
+            )
+            return str(getattr(result, "text", "") or "")
+
+        text, _ = await self._with_key(call, user_id)
+        return text
+
+    async def draw(self, prompt: str, *, model: str, user_id: str) -> DrawnImage:
+        """One image drawn for ``prompt`` (``images/generations``), as bytes; the same key and
+        retry rules as answers. Raise like :meth:`transcribe`."""
+
+        async def call(client: openai.AsyncOpenAI) -> tuple[bytes, str]:
+            options: dict[str, Any] = {"model": model, "prompt": prompt, "n": 1}
+            if model.startswith("dall-e"):
+                options["response_format"] = "b64_json"  # gpt-image models always answer so
+            timeout = max(self._settings.request_timeout_s, DRAW_TIMEOUT_S)
+            result = await client.with_options(timeout=timeout).images.generate(**options)
+            image = (result.data or [None])[0]
+            if image is None:
+                raise LLMError("the endpoint answered without an image")
+            if image.b64_json:
+                return base64.b64decode(image.b64_json), str(image.revised_prompt or "")
+            if image.url:
+                return await _fetch_image(image.url, timeout), str(image.revised_prompt or "")
+            raise LLMError("the endpoint answered without an image")
+
+        (data, revised), key_id = await self._with_key(call, user_id)
+        return DrawnImage(data, key_id, revised)
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_attempts)
             | stop_after_delay(self._settings.request_timeout_s * self._settings.max_attempts),
             wait=self._wait,
@@ -168,13 +208,47 @@ class LLMClient:
             sleep=self._sleep,
             reraise=True,
         )
+
+    def _exhausted(self, exc: _Retryable) -> LLMError:
+        return LLMError(
+            f"the model endpoint failed {self._settings.max_attempts} times, "
+            f"last: {exc.classified.reason}"
+        )
+
+    async def _with_key(
+        self, call: Callable[[openai.AsyncOpenAI], Awaitable[T]], user_id: str
+    ) -> tuple[T, str]:
+        """``call`` with a leased key's client, retried across keys; its result and key id."""
+
+        async def attempt() -> tuple[T, str]:
+            lease = await self._pool.acquire(user_id)
+            try:
+                result = await call(self._client.with_options(api_key=lease.secret))
+            except BaseException as exc:
+                lease.release()
+                if isinstance(exc, LLMError):
+                    self._report(lease, "server_error")
+                    raise _Retryable(
+                        Classified(Outcome.TRANSIENT, str(exc)), switch=False, key=lease.masked
+                    ) from None
+                if isinstance(exc, Exception):
+                    raise await self._penalize(lease, exc) from None
+                raise
+            lease.release()
+            self._report(lease, "ok")
+            await self._pool.report_success(lease.key_id)
+            return result, lease.key_id
+
         try:
-            opened: _OpenStream = await retrying(self._attempt, emit, request, user_id)
+            return await self._retrying()(attempt)
         except _Retryable as exc:
-            raise LLMError(
-                f"the model endpoint failed {self._settings.max_attempts} times, "
-                f"last: {exc.classified.reason}"
-            ) from None
+            raise self._exhausted(exc) from None
+
+    async def _produce(self, emit: Emit, request: dict[str, Any], user_id: str) -> None:
+        try:
+            opened: _OpenStream = await self._retrying()(self._attempt, emit, request, user_id)
+        except _Retryable as exc:
+            raise self._exhausted(exc) from None
         await self._finish(emit, opened)
 
     async def _attempt(self, emit: Emit, request: dict[str, Any], user_id: str) -> _OpenStream:
@@ -293,6 +367,47 @@ class LLMClient:
         self._report(lease, "ok")
         await self._pool.report_success(lease.key_id)
         emit(Completed(usage=opened.usage, key_id=lease.key_id, finish_reason=opened.finish_reason))
+
+
+#: seconds an image may take to draw at the least (drawing is slower than answering)
+DRAW_TIMEOUT_S = 180.0
+#: the largest image the bot fetches when an endpoint answers with a URL
+MAX_DRAWN_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """A message's content as the chat API takes it: text, or text and image parts."""
+    if not message.images:
+        return message.content
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+    parts += [{"type": "image_url", "image_url": {"url": url}} for url in message.images]
+    return parts
+
+
+def _audio_type(file_name: str) -> str:
+    suffix = file_name.rsplit(".", 1)[-1].lower()
+    return {"ogg": "audio/ogg", "opus": "audio/ogg", "mp3": "audio/mpeg", "wav": "audio/wav"}.get(
+        suffix, "application/octet-stream"
+    )
+
+
+async def _fetch_image(url: str, wait_s: float) -> bytes:
+    """An image an endpoint answered with as a URL (without the API key: it is someone
+    else's host), at most :data:`MAX_DRAWN_IMAGE_BYTES`."""
+    try:
+        async with (
+            httpx.AsyncClient(timeout=wait_s, follow_redirects=True) as http,
+            http.stream("GET", url) as response,
+        ):
+            response.raise_for_status()
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > MAX_DRAWN_IMAGE_BYTES:
+                    raise LLMError("the drawn image is too large to fetch")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise LLMError(f"could not fetch the drawn image: {type(exc).__name__}") from None
 
 
 def _call_outcome(exc: Exception, classified: Classified) -> CallOutcome:

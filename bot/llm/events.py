@@ -13,10 +13,16 @@ MessageRole = Literal["system", "user", "assistant"]
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One message of a prompt."""
+    """One message of a prompt; a user message may carry ``images`` (``data:`` URLs)."""
 
     role: MessageRole
     content: str
+    images: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatMessage(role={self.role!r}, content={self.content!r}, images={len(self.images)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,3 +87,12 @@ async def bridge(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@dataclass(frozen=True)
+class DrawnImage:
+    """An image the endpoint drew: its bytes (PNG, JPEG or WebP) and the key that paid for it."""
+
+    data: bytes
+    key_id: str
+    revised_prompt: str = ""

@@ -8,6 +8,8 @@ from pathlib import Path
 from bot.config import StoreSettings
 from bot.errors import ConfigError
 from bot.store.base import (
+    AttachmentKind,
+    HeldAttachment,
     InboxEntry,
     KeySource,
     KeyState,
@@ -26,6 +28,8 @@ from bot.timing import Clock
 
 __all__ = [
     "SECRET_KEY_ENV",
+    "AttachmentKind",
+    "HeldAttachment",
     "InboxEntry",
     "InstanceLock",
     "KeyCipher",

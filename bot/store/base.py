@@ -93,17 +93,47 @@ class Usage:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    images: int = 0
 
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """One request's tokens, to be counted for (day, user, key) together with its answer."""
+    """One request's tokens (and images drawn), to be counted for (day, user, key) together with
+    its answer."""
 
     day: str
     user_id: str
     key_id: str
     prompt_tokens: int
     completion_tokens: int
+    images: int = 0
+
+
+AttachmentKind = Literal["image", "file"]
+
+
+@dataclass(frozen=True)
+class HeldAttachment:
+    """An image or a file's text a user sent alone, waiting for the question that goes with it.
+
+    ``holder`` is where the question will come from (a user in a chat); ``content`` is the
+    prepared image (``mime`` ``image/…``) or the file's extracted text in UTF-8
+    (``text/plain``). ``attachment_id`` is set by the store.
+    """
+
+    holder: str
+    kind: AttachmentKind
+    name: str
+    mime: str
+    content: bytes
+    created_at: float
+    attachment_id: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"HeldAttachment(attachment_id={self.attachment_id!r}, kind={self.kind!r}, "
+            f"name={self.name!r}, bytes={len(self.content)})"
+        )
 
 
 @runtime_checkable
@@ -200,12 +230,14 @@ class Store(Protocol):
         turns: Sequence[Turn],
         usage: UsageRecord | None,
         sent: Sequence[SentMessage] = (),
+        release: Sequence[int] = (),
     ) -> None:
         """Record a delivered answer in one transaction.
 
         Appends ``turns`` in order, counts ``usage`` (like :meth:`add_usage`) when given, records
-        the messages the answer was ``sent`` as (replacing any with the same message id) and
-        removes every message of ``message_ids`` from the inbox: all of it or, when it fails
+        the messages the answer was ``sent`` as (replacing any with the same message id), drops
+        the held attachments the answer used (``release``: their ids) and removes every message
+        of ``message_ids`` from the inbox: all of it or, when it fails
         (:class:`bot.errors.StoreError`), none of it. So a crash never leaves the history saved
         while the inbox still holds the message, nor the reverse.
         """
@@ -227,11 +259,28 @@ class Store(Protocol):
     async def delete_key(self, key_id: str) -> bool:
         """Remove a key; True when it existed."""
 
+    # Attachments held for the next question
+    async def hold_attachment(self, attachment: HeldAttachment) -> int:
+        """Keep ``attachment`` until a question uses it; return its id."""
+
+    async def held_attachments(self, holder: str, since: float) -> list[HeldAttachment]:
+        """``holder``'s attachments created at or after ``since``, oldest first."""
+
+    async def drop_held(self, before: float) -> int:
+        """Forget every held attachment created before ``before``; return how many."""
+
     # Usage
     async def add_usage(
-        self, day: str, user_id: str, key_id: str, prompt_tokens: int, completion_tokens: int
+        self,
+        day: str,
+        user_id: str,
+        key_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        images: int = 0,
     ) -> None:
-        """Count one request and its tokens for (day, user, key)."""
+        """Count one request, its tokens and the images it drew for (day, user, key)."""
 
     async def usage_for_day(self, day: str) -> list[Usage]:
         """Every usage row of a day."""

@@ -30,6 +30,8 @@ from typing import Any, TypeVar, cast
 from bot.errors import StoreError
 from bot.logging import get_logger
 from bot.store.base import (
+    AttachmentKind,
+    HeldAttachment,
     InboxEntry,
     KeySource,
     KeyState,
@@ -134,6 +136,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sent_messages_by_age ON sent_messages (created_at);
     """,
+    # 4: images drawn per usage row, attachments held for the next question
+    """
+    ALTER TABLE usage ADD COLUMN images INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE held_attachments (
+        attachment_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        holder TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('image', 'file')),
+        name TEXT NOT NULL,
+        mime TEXT NOT NULL,
+        content BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX held_attachments_by_holder ON held_attachments (holder, created_at);
+    """,
 )
 
 RECENT_PAGE = 50
@@ -145,16 +161,17 @@ _INSERT_TURN = (
 )
 _TURN_COLUMNS = "conversation_id, role, content, created_at, tokens, status"
 _ADD_USAGE = (
-    "INSERT INTO usage (day, user_id, key_id, requests, prompt_tokens, completion_tokens)"
-    " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (day, user_id, key_id) DO UPDATE SET"
+    "INSERT INTO usage (day, user_id, key_id, requests, prompt_tokens, completion_tokens, images)"
+    " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (day, user_id, key_id) DO UPDATE SET"
     " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-    " completion_tokens = completion_tokens + excluded.completion_tokens"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " images = images + excluded.images"
 )
 _INSERT_SENT = (
     "INSERT OR REPLACE INTO sent_messages (message_id, conversation_id, content, created_at)"
     " VALUES (?, ?, ?, ?)"
 )
-_USAGE_COLUMNS = "day, user_id, key_id, requests, prompt_tokens, completion_tokens"
+_USAGE_COLUMNS = "day, user_id, key_id, requests, prompt_tokens, completion_tokens, images"
 _INSERT_INBOX = (
     "INSERT OR IGNORE INTO inbox (message_id, conversation_id, payload, received_at, delivery)"
     " VALUES (?, ?, ?, ?, ?)"
@@ -660,10 +677,18 @@ class SQLiteStore:
         turns: Sequence[Turn],
         usage: UsageRecord | None,
         sent: Sequence[SentMessage] = (),
+        release: Sequence[int] = (),
     ) -> None:
-        """Append ``turns``, count ``usage``, record ``sent``, clear ``message_ids`` from the
-        inbox: atomically."""
-        await self._run(self._complete_sync, list(message_ids), list(turns), usage, list(sent))
+        """Append ``turns``, count ``usage``, record ``sent``, drop the held attachments
+        ``release`` names, clear ``message_ids`` from the inbox: atomically."""
+        await self._run(
+            self._complete_sync,
+            list(message_ids),
+            list(turns),
+            usage,
+            list(sent),
+            list(release),
+        )
 
     def _complete_sync(
         self,
@@ -671,6 +696,7 @@ class SQLiteStore:
         turns: list[Turn],
         usage: UsageRecord | None,
         sent: list[SentMessage],
+        release: list[int],
     ) -> None:
         with self._transaction("record the answer") as db:
             for turn in turns:
@@ -688,8 +714,12 @@ class SQLiteStore:
                         usage.key_id,
                         usage.prompt_tokens,
                         usage.completion_tokens,
+                        usage.images,
                     ),
                 )
+            db.executemany(
+                "DELETE FROM held_attachments WHERE attachment_id = ?", [(i,) for i in release]
+            )
             db.executemany(
                 "DELETE FROM inbox WHERE message_id = ?", [(each,) for each in message_ids]
             )
@@ -764,11 +794,71 @@ class SQLiteStore:
     # ---- usage -----------------------------------------------------------------------------
 
     async def add_usage(
-        self, day: str, user_id: str, key_id: str, prompt_tokens: int, completion_tokens: int
+        self,
+        day: str,
+        user_id: str,
+        key_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        images: int = 0,
     ) -> None:
-        """Count one request and its tokens for (day, user, key)."""
+        """Count one request, its tokens and the images it drew for (day, user, key)."""
         await self._run(
-            self._write, _ADD_USAGE, (day, user_id, key_id, prompt_tokens, completion_tokens)
+            self._write,
+            _ADD_USAGE,
+            (day, user_id, key_id, prompt_tokens, completion_tokens, images),
+        )
+
+    # ---- held attachments ------------------------------------------------------------------
+
+    async def hold_attachment(self, attachment: HeldAttachment) -> int:
+        """Keep ``attachment`` for the holder's next question; return its id."""
+
+        def insert() -> int:
+            with self._transaction("hold the attachment") as db:
+                cursor = db.execute(
+                    "INSERT INTO held_attachments (holder, kind, name, mime, content, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        attachment.holder,
+                        attachment.kind,
+                        attachment.name,
+                        attachment.mime,
+                        attachment.content,
+                        attachment.created_at,
+                    ),
+                )
+                return int(cursor.lastrowid or 0)
+
+        return await self._run(insert)
+
+    async def held_attachments(self, holder: str, since: float) -> list[HeldAttachment]:
+        """``holder``'s attachments from ``since`` on, oldest first."""
+        rows = await self._run_read(
+            self._read,
+            "SELECT attachment_id, holder, kind, name, mime, content, created_at"
+            " FROM held_attachments WHERE holder = ? AND created_at >= ?"
+            " ORDER BY created_at, attachment_id",
+            (holder, since),
+        )
+        return [
+            HeldAttachment(
+                holder=row["holder"],
+                kind=cast(AttachmentKind, row["kind"]),
+                name=row["name"],
+                mime=row["mime"],
+                content=bytes(row["content"]),
+                created_at=row["created_at"],
+                attachment_id=row["attachment_id"],
+            )
+            for row in rows
+        ]
+
+    async def drop_held(self, before: float) -> int:
+        """Forget the held attachments created before ``before``; return how many."""
+        return await self._run(
+            self._write, "DELETE FROM held_attachments WHERE created_at < ?", (before,)
         )
 
     async def usage_for_day(self, day: str) -> list[Usage]:

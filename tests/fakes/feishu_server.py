@@ -56,6 +56,26 @@ What it speaks (as read from lark-oapi 1.7.5, ``lark_oapi/ws/client.py`` and ``c
   fake does not know answers HTTP 400 with ``230011`` "The message was withdrawn." (what
   Feishu answers for a recalled message; a malformed id gets ``230001`` "invalid message_id"
   and a chat the bot left ``230002``: inject those with :meth:`FakeFeishu.fail`).
+* Media. ``POST /open-apis/im/v1/images`` (``image_upload``) keeps the uploaded bytes under the
+  new ``image_key`` in :attr:`FakeFeishu.resources` and lists them in
+  :meth:`FakeFeishu.uploaded_images`; it wants ``image_type`` ``message`` or ``avatar`` (else
+  ``99992402``) and refuses an empty file (``234010``), one over 10 MB (``234006``) and bytes
+  that are no PNG/JPEG/GIF/WEBP/BMP/TIFF/ICO (``234011``). ``GET
+  /open-apis/im/v1/messages/:message_id/resources/:file_key`` (``message_resource``) wants
+  ``type`` ``image`` or ``file`` (else ``99992402``), answers ``234001`` when the type does not
+  match the ``kind`` given to :meth:`FakeFeishu.add_resource`, and serves made-up bytes for a key
+  it does not know unless :attr:`FakeFeishu.strict_resources` (then ``234003`` "File not in
+  msg."). ``POST /open-apis/speech_to_text/v1/speech/file_recognize``
+  (``speech_file_recognize``) takes base64 16 kHz mono s16le PCM with ``config.format`` ``pcm``,
+  ``engine_type`` ``16k_auto`` and a 16-character ``file_id`` (else ``99992402``), refuses more
+  than 60 s of audio with the fake-chosen :data:`CODE_SPEECH_TOO_LONG`, records every decoded
+  request in :attr:`FakeFeishu.speech_requests` and answers :attr:`FakeFeishu.speech_text`.
+  When :attr:`FakeFeishu.scopes` lists ``im:resource`` (image, file and resource endpoints) or
+  ``speech_to_text:speech`` as *not granted* (``grant_status`` 2, e.g. ``set_scopes(...,
+  not_granted=["im:resource"])``), those calls answer ``99991672`` naming the scope, as Feishu
+  does; a scope that is not listed at all is not checked. Multipart file parts are recorded in
+  :attr:`RestCall.files` (bytes), and in :attr:`RestCall.json` as ``{"filename", "size",
+  "content_type"}``.
 
 Events: :func:`build_message_event` (``im.message.receive_v1`` from the message samples),
 :func:`build_p2p_chat_entered_event` (``im.chat.access_event.bot_p2p_chat_entered_v1``: a user
@@ -82,6 +102,8 @@ different fake instances should use different app ids (or clear ``TokenManager.c
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import copy
 import fnmatch
@@ -111,13 +133,26 @@ __all__ = [
     "BOT_NAME",
     "BOT_OPEN_ID",
     "CHAT_EVENT_SAMPLE_NAMES",
+    "CODE_FIELD_VALIDATION",
+    "CODE_FILE_NOT_IN_MESSAGE",
+    "CODE_IMAGE_EMPTY",
+    "CODE_IMAGE_TOO_LARGE",
+    "CODE_IMAGE_TYPE_UNSUPPORTED",
+    "CODE_RESOURCE_INVALID_PARAM",
+    "CODE_SCOPE_MISSING",
+    "CODE_SPEECH_TOO_LONG",
     "DEFAULT_APP_ID",
     "DEFAULT_APP_SECRET",
     "DEFAULT_SCOPES",
     "ENDPOINTS",
     "FEISHU_ERRORS",
+    "MAX_IMAGE_BYTES",
+    "MAX_SPEECH_SECONDS",
     "SAMPLE_NAMES",
     "SAMPLE_SENDER_OPEN_ID",
+    "SCOPE_IM_RESOURCE",
+    "SCOPE_SPEECH",
+    "SPEECH_BYTES_PER_SECOND",
     "AckRecord",
     "CardUpdate",
     "Delivery",
@@ -126,9 +161,12 @@ __all__ = [
     "FakeFeishuThread",
     "FakeMessage",
     "FaultRule",
+    "FormFile",
     "Gate",
     "RestCall",
     "SignalEvent",
+    "SpeechRequest",
+    "UploadedImage",
     "WsConnection",
     "build_bot_added_event",
     "build_message_event",
@@ -168,6 +206,8 @@ DEFAULT_SCOPES: Final = (
     "im:message.group_at_msg:readonly",
     "cardkit:card:write",
     "contact:user.employee_id:readonly",
+    "im:resource",
+    "speech_to_text:speech",
 )
 """The scopes a well set up bot app has been granted (``application/v6/scopes``)."""
 
@@ -186,8 +226,38 @@ CODE_ELEMENT_NOT_FOUND: Final = 300302  # fake-chosen
 CODE_STREAMING_CLOSED: Final = 300309  # fake-chosen
 CODE_UNKNOWN_APP: Final = 10003
 CODE_NO_BOT: Final = 11205  # "app do not have bot" (bot/v3/info of an app without the bot feature)
+CODE_FIELD_VALIDATION: Final = CODE_INVALID_PARAM  # "field validation failed"
+CODE_SCOPE_MISSING: Final = 99991672  # "Access denied. One of the following scopes is required"
+# Codes of Feishu's im/v1 image and resource APIs (from its error code tables).
+CODE_RESOURCE_INVALID_PARAM: Final = 234001  # "Invalid request param."
+CODE_FILE_NOT_IN_MESSAGE: Final = 234003  # "File not in msg."
+CODE_IMAGE_TOO_LARGE: Final = 234006  # "The file size exceed the limit."
+CODE_IMAGE_EMPTY: Final = 234010  # "File's size can't be 0."
+CODE_IMAGE_TYPE_UNSUPPORTED: Final = 234011  # "Can't recognize the image format."
+CODE_SPEECH_TOO_LONG: Final = 2300003  # fake-chosen: Feishu's code for > 60 s is not public
 GRANTED: Final = 1
 NOT_GRANTED: Final = 2
+SCOPE_IM_RESOURCE: Final = "im:resource"
+"""Needed by the image, file and message resource endpoints."""
+SCOPE_SPEECH: Final = "speech_to_text:speech"
+"""Needed by ``speech_to_text/v1/speech/file_recognize``."""
+MAX_IMAGE_BYTES: Final = 10 * 1024 * 1024
+"""Feishu's limit for ``POST /im/v1/images``."""
+MAX_SPEECH_SECONDS: Final = 60
+SPEECH_BYTES_PER_SECOND: Final = 16_000 * 2
+"""16 kHz mono signed 16-bit little-endian PCM: what ``file_recognize`` takes."""
+_CLIENT_MAX_SIZE: Final = 64 * 1024 * 1024
+_IMAGE_MAGIC: Final = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+    (b"\x00\x00\x01\x00", "image/x-icon"),
+)
+_FILE_ID = re.compile(r"^[A-Za-z0-9_]{16}$")
 
 _TOKEN_ENDPOINTS: Final = frozenset({"tenant_token", "app_token"})
 _NO_AUTH_ENDPOINTS: Final = _TOKEN_ENDPOINTS | {"ws_endpoint", "ws_connect", "unknown"}
@@ -217,6 +287,7 @@ _ROUTE_TABLE: Final[tuple[tuple[str, str, str], ...]] = (
     ("POST", "/open-apis/im/v1/files", "file_upload"),
     ("GET", "/open-apis/im/v1/files/:file_key", "file_get"),
     ("GET", "/open-apis/im/v1/chats/:chat_id", "chat_get"),
+    ("POST", "/open-apis/speech_to_text/v1/speech/file_recognize", "speech_file_recognize"),
     ("POST", "/open-apis/cardkit/v1/cards", "card_create"),
     ("PUT", "/open-apis/cardkit/v1/cards/:card_id", "card_update"),
     ("PATCH", "/open-apis/cardkit/v1/cards/:card_id/settings", "card_settings"),
@@ -530,6 +601,59 @@ class _Notifier:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FormFile:
+    """One file part of a multipart request, as received."""
+
+    filename: str | None
+    content_type: str | None
+    data: bytes = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        """Length of :attr:`data` in bytes."""
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """An image the fake accepted on ``POST /open-apis/im/v1/images``."""
+
+    image_key: str
+    data: bytes = field(repr=False)
+    image_type: str
+    """``message`` or ``avatar``."""
+    content_type: str
+    """The part's content type as uploaded (sniffed from the bytes when it was generic)."""
+    filename: str | None
+    call_seq: int
+    """``seq`` of the :class:`RestCall` that uploaded it."""
+
+
+@dataclass
+class SpeechRequest:
+    """A ``speech_to_text/v1/speech/file_recognize`` request whose audio decoded."""
+
+    file_id: Any
+    format: Any
+    engine_type: Any
+    pcm: bytes = field(repr=False)
+    """The decoded audio (16 kHz mono s16le PCM if the caller did it right)."""
+    call_seq: int
+    code: int | None = None
+    """The ``code`` the fake answered (0: recognised)."""
+
+    @property
+    def byte_count(self) -> int:
+        """Bytes of decoded PCM."""
+        return len(self.pcm)
+
+    @property
+    def seconds(self) -> float:
+        """Duration of the audio at 16 kHz mono 16-bit."""
+        return len(self.pcm) / SPEECH_BYTES_PER_SECOND
+
+
 @dataclass
 class RestCall:
     """One HTTP request the fake received (REST, endpoint discovery or WS handshake)."""
@@ -555,6 +679,8 @@ class RestCall:
     finished_at: float | None = None
     peer: str = ""
     """The client's ``host:port``: calls over one kept-alive connection share it."""
+    files: dict[str, FormFile] = field(default_factory=dict)
+    """File parts of a multipart body by field name (their metadata is in :attr:`json`)."""
 
 
 @dataclass
@@ -973,6 +1099,31 @@ def _error(code: int, msg: str, status: int = 400) -> _Reply:
     return _Reply(status=status, body={"code": code, "msg": msg})
 
 
+def _field_error(field_name: str, description: str, value: Any = None) -> _Reply:
+    """Feishu's ``99992402`` answer with the offending field in ``error.field_violations``."""
+    violation: JSONDict = {"field": field_name, "description": description}
+    if value is not None:
+        violation["value"] = value if isinstance(value, str) else json.dumps(value)
+    return _Reply(
+        status=400,
+        body={
+            "code": CODE_FIELD_VALIDATION,
+            "msg": "field validation failed",
+            "error": {"field_violations": [violation]},
+        },
+    )
+
+
+def _sniff_image(data: bytes) -> str | None:
+    """The image content type of ``data`` by its magic bytes (``None``: not an image)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    for magic, content_type in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return content_type
+    return None
+
+
 def _sample_error(name: str) -> _Reply:
     sample = FEISHU_ERRORS[name]
     return _Reply(status=int(sample["http_status"]), body=copy.deepcopy(sample["body"]))
@@ -1079,6 +1230,17 @@ class FakeFeishu(ServerLifecycle):
         """``open_id -> name`` answered by ``contact/v3/users/batch``."""
         self.resources: dict[str, tuple[bytes, str]] = {}
         """``file_key -> (bytes, content_type)`` served by the resource endpoints."""
+        self.resource_kinds: dict[str, Literal["image", "file"]] = {}
+        """``file_key -> kind`` the message resource endpoint checks ``?type=`` against."""
+        self.strict_resources = False
+        """True: a message resource request for a key not in :attr:`resources` answers
+        ``234003`` "File not in msg." instead of made-up bytes."""
+        self.speech_text: str | Callable[[SpeechRequest], str] = "recognized speech"
+        """What ``file_recognize`` answers as ``recognition_text`` (or a function of the
+        :class:`SpeechRequest`)."""
+        self.speech_requests: list[SpeechRequest] = []
+        """Every ``file_recognize`` request whose audio decoded, answered or refused."""
+        self._uploaded_images: list[UploadedImage] = []
         self.tokens: dict[str, str] = {}
         """Issued and still valid access tokens: ``token -> kind``."""
         self.rules: list[FaultRule] = []
@@ -1106,7 +1268,7 @@ class FakeFeishu(ServerLifecycle):
             return
         self._loop = asyncio.get_running_loop()
         self._stopping = False
-        app = web.Application()
+        app = web.Application(client_max_size=_CLIENT_MAX_SIZE)
         app.router.add_route("*", "/ws", self._handle_ws)
         app.router.add_route("*", "/{tail:.*}", self._handle_http)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
@@ -1326,6 +1488,11 @@ class FakeFeishu(ServerLifecycle):
                 if m.sender_type == "app" and (chat_id is None or m.chat_id == chat_id)
             ]
 
+    def uploaded_images(self) -> list[UploadedImage]:
+        """Images accepted by ``POST /im/v1/images``, in upload order."""
+        with self._lock:
+            return list(self._uploaded_images)
+
     def _visible_text(self, message: FakeMessage) -> str:
         if message.card_id is not None and message.card_id in self.cards:
             return self.cards[message.card_id].text
@@ -1444,11 +1611,24 @@ class FakeFeishu(ServerLifecycle):
             self.users[open_id] = name
 
     def add_resource(
-        self, file_key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        file_key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        kind: Literal["image", "file"] | None = None,
     ) -> None:
-        """Serve ``data`` for ``file_key`` (message resources, images, files)."""
+        """Serve ``data`` for ``file_key`` (message resources, images, files).
+
+        With a ``kind`` the message resource endpoint answers ``234001`` to a request whose
+        ``type`` is the other one (an image fetched with ``type=file``, say); voice messages and
+        files are ``file``, images ``image``.
+        """
         with self._lock:
             self.resources[file_key] = (data, content_type)
+            if kind is None:
+                self.resource_kinds.pop(file_key, None)
+            else:
+                self.resource_kinds[file_key] = kind
 
     def add_message(
         self,
@@ -1864,7 +2044,12 @@ class FakeFeishu(ServerLifecycle):
     # -- HTTP plumbing -----------------------------------------------------------------------
 
     def _record_call(
-        self, request: web.Request, endpoint: str, params: dict[str, str], body: Any
+        self,
+        request: web.Request,
+        endpoint: str,
+        params: dict[str, str],
+        body: Any,
+        files: dict[str, FormFile] | None = None,
     ) -> RestCall:
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else None
@@ -1882,6 +2067,7 @@ class FakeFeishu(ServerLifecycle):
                 token=token,
                 time=time.monotonic(),
                 peer=_peer_of(request),
+                files=dict(files or {}),
             )
             self.calls.append(call)
         self._notifier.notify()
@@ -1925,34 +2111,38 @@ class FakeFeishu(ServerLifecycle):
             )
         return None
 
-    async def _read_body(self, request: web.Request) -> Any:
+    async def _read_body(self, request: web.Request) -> tuple[Any, dict[str, FormFile]]:
+        """The JSON-friendly body (file parts as their metadata) and the file parts' bytes."""
+        files: dict[str, FormFile] = {}
         if not request.body_exists:
-            return None
+            return None, files
         if request.content_type.startswith("multipart/"):
             form = await request.post()
             fields: JSONDict = {}
             for name, value in form.items():
                 if isinstance(value, web.FileField):
+                    part = FormFile(value.filename, value.content_type, value.file.read())
+                    files[name] = part
                     fields[name] = {
-                        "filename": value.filename,
-                        "size": len(value.file.read()),
-                        "content_type": value.content_type,
+                        "filename": part.filename,
+                        "size": part.size,
+                        "content_type": part.content_type,
                     }
                 else:
                     fields[name] = value
-            return fields
+            return fields, files
         raw = await request.read()
         if not raw:
-            return None
+            return None, files
         try:
-            return json.loads(raw)
+            return json.loads(raw), files
         except ValueError:
-            return raw.decode("utf-8", errors="replace")
+            return raw.decode("utf-8", errors="replace"), files
 
     async def _handle_http(self, request: web.Request) -> web.StreamResponse:
         endpoint, params = _route(request.method, request.path)
-        body = await self._read_body(request)
-        call = self._record_call(request, endpoint, params, body)
+        body, files = await self._read_body(request)
+        call = self._record_call(request, endpoint, params, body, files)
         reply = await self._apply_faults(call)
         if reply is None:
             with self._lock:
@@ -2292,24 +2482,142 @@ class FakeFeishu(ServerLifecycle):
             headers={"Content-Disposition": f'attachment; filename="{key}.bin"'},
         )
 
+    def _scope_denied(self, scope: str) -> _Reply | None:
+        """Feishu's answer when the app has asked for ``scope`` but it is not granted."""
+        if self.scopes.get(scope) != NOT_GRANTED:
+            return None
+        link = (
+            f"https://open.feishu.cn/app/{self.app_id}/auth?q={scope}"
+            "&op_from=openapi&token_type=tenant"
+        )
+        msg = (
+            f"Access denied. One of the following scopes is required: [{scope}]."
+            f"应用尚未开通所需的应用身份权限：[{scope}]，点击链接申请并开通任一权限即可：{link}"
+        )
+        return _error(CODE_SCOPE_MISSING, msg)
+
     def _ep_message_resource(self, call: RestCall) -> _Reply:
-        return self._resource_reply(call.path_params["file_key"], call.query.get("type", "file"))
+        denied = self._scope_denied(SCOPE_IM_RESOURCE)
+        if denied is not None:
+            return denied
+        kind = call.query.get("type")
+        if kind not in ("image", "file"):
+            return _field_error("type", "type must be one of image, file", kind)
+        key = call.path_params["file_key"]
+        if key not in self.resources and self.strict_resources:
+            return _error(CODE_FILE_NOT_IN_MESSAGE, "File not in msg.")
+        expected = self.resource_kinds.get(key)
+        if expected is not None and expected != kind:
+            return _error(CODE_RESOURCE_INVALID_PARAM, "Invalid request param.")
+        return self._resource_reply(key, kind)
 
     def _ep_image_get(self, call: RestCall) -> _Reply:
-        return self._resource_reply(call.path_params["image_key"], "image")
+        return self._scope_denied(SCOPE_IM_RESOURCE) or self._resource_reply(
+            call.path_params["image_key"], "image"
+        )
 
     def _ep_file_get(self, call: RestCall) -> _Reply:
-        return self._resource_reply(call.path_params["file_key"], "file")
+        return self._scope_denied(SCOPE_IM_RESOURCE) or self._resource_reply(
+            call.path_params["file_key"], "file"
+        )
 
     def _ep_image_upload(self, call: RestCall) -> _Reply:
+        denied = self._scope_denied(SCOPE_IM_RESOURCE)
+        if denied is not None:
+            return denied
+        body = self._body(call)
+        image_type = body.get("image_type")
+        if image_type not in ("message", "avatar"):
+            return _field_error(
+                "image_type", "image_type must be one of message, avatar", image_type
+            )
+        part = call.files.get("image")
+        if part is None:
+            return _field_error("image", "image is required")
+        if part.size == 0:
+            return _error(CODE_IMAGE_EMPTY, "File's size can't be 0.")
+        if part.size > MAX_IMAGE_BYTES:
+            return _error(CODE_IMAGE_TOO_LARGE, "The file size exceed the limit.")
+        sniffed = _sniff_image(part.data)
+        if sniffed is None:
+            return _error(CODE_IMAGE_TYPE_UNSUPPORTED, "Can't recognize the image format.")
+        generic = part.content_type in (None, "", "application/octet-stream")
+        content_type = sniffed if generic else str(part.content_type)
         key = f"img_v3_{uuid.uuid4().hex[:20]}"
-        self.resources[key] = (b"uploaded", "image/png")
+        self.resources[key] = (part.data, content_type)
+        self.resource_kinds[key] = "image"
+        self._uploaded_images.append(
+            UploadedImage(
+                image_key=key,
+                data=part.data,
+                image_type=str(image_type),
+                content_type=content_type,
+                filename=part.filename,
+                call_seq=call.seq,
+            )
+        )
         return _ok({"image_key": key})
 
     def _ep_file_upload(self, call: RestCall) -> _Reply:
+        denied = self._scope_denied(SCOPE_IM_RESOURCE)
+        if denied is not None:
+            return denied
         key = f"file_v3_{uuid.uuid4().hex[:20]}"
-        self.resources[key] = (b"uploaded", "application/octet-stream")
+        part = call.files.get("file")
+        if part is None:
+            self.resources[key] = (b"uploaded", "application/octet-stream")
+        else:
+            self.resources[key] = (part.data, part.content_type or "application/octet-stream")
+        self.resource_kinds[key] = "file"
         return _ok({"file_key": key})
+
+    # -- speech to text ----------------------------------------------------------------------
+
+    def _ep_speech_file_recognize(self, call: RestCall) -> _Reply:
+        denied = self._scope_denied(SCOPE_SPEECH)
+        if denied is not None:
+            return denied
+        body = self._body(call)
+        speech = body.get("speech")
+        encoded = speech.get("speech") if isinstance(speech, dict) else None
+        if not isinstance(encoded, str) or not encoded:
+            return _field_error("speech.speech", "speech is required")
+        try:
+            pcm = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            return _field_error("speech.speech", "speech must be base64 encoded")
+        config = body.get("config")
+        config = config if isinstance(config, dict) else {}
+        request = SpeechRequest(
+            file_id=config.get("file_id"),
+            format=config.get("format"),
+            engine_type=config.get("engine_type"),
+            pcm=pcm,
+            call_seq=call.seq,
+        )
+        self.speech_requests.append(request)
+        reply = self._recognize(request)
+        request.code = int((reply.body or {}).get("code", -1))
+        return reply
+
+    def _recognize(self, request: SpeechRequest) -> _Reply:
+        if not isinstance(request.file_id, str) or not _FILE_ID.match(request.file_id):
+            return _field_error(
+                "config.file_id",
+                "file_id must be 16 letters, digits or underscores",
+                request.file_id,
+            )
+        if request.format != "pcm":
+            return _field_error("config.format", "format must be pcm", request.format)
+        if request.engine_type != "16k_auto":
+            return _field_error(
+                "config.engine_type", "engine_type must be 16k_auto", request.engine_type
+            )
+        if request.byte_count > MAX_SPEECH_SECONDS * SPEECH_BYTES_PER_SECOND:
+            return _error(CODE_SPEECH_TOO_LONG, f"audio duration exceeds {MAX_SPEECH_SECONDS}s")
+        text = self.speech_text
+        recognized = text if isinstance(text, str) else text(request)
+        return _ok({"recognition_text": recognized})
 
     def _ep_reaction_create(self, call: RestCall) -> _Reply:
         message = self._target(call.path_params["message_id"])

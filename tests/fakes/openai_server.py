@@ -15,7 +15,10 @@ method, :class:`Gate` and the request log are thread-safe, and :class:`SignalEve
 awaited from any event loop or waited on with a blocking call.
 
 Endpoints: ``POST /v1/chat/completions`` (streaming SSE and non-streaming), ``GET /v1/models``
-and ``GET /v1/models/{model}``. Authorization must be ``Bearer <key>``.
+and ``GET /v1/models/{model}``, ``POST /v1/audio/transcriptions`` (:data:`TRANSCRIPTIONS_PATH`)
+and ``POST /v1/images/generations`` (:data:`IMAGES_PATH`). Authorization must be
+``Bearer <key>``. Generated images asked for as URLs are served without auth at
+``GET /files/<name>.png`` (:data:`FILES_PATH`, on :attr:`FakeOpenAI.url`, not under ``/v1``).
 
 Scripting is per API key with a fallback :attr:`FakeOpenAI.default` script. The order in
 which a chat request is processed is:
@@ -40,6 +43,33 @@ which a chat request is processed is:
 so a key can answer ``/models`` with a 401, a 404 page and so on while chat works, or the other
 way round.
 
+The media endpoints follow the chat order with their own validation in place of step 7 (before
+step 3, as for chat's ``messages``), their own rpm window per key and path, their own queue and
+``*_persistent`` behaviour; a :class:`StreamError` answers HTTP 500, a :class:`ResetAfter`
+aborts before any byte, and :meth:`FakeOpenAI.hold_next` takes their ``path``::
+
+    fake.script("sk-a").enqueue(rate_limit_exceeded(3), path=TRANSCRIPTIONS_PATH)
+    fake.script("sk-a", images_persistent=content_policy_violation())
+    gate = fake.hold_next("sk-a", path=IMAGES_PATH)
+
+* ``audio/transcriptions`` takes the multipart form the SDK sends (``model``, ``file``, optional
+  ``response_format``, ``language``, ``prompt`` …), logged as :attr:`RequestRecord.form` and
+  :attr:`RequestRecord.files` (``record.files["file"].data``). It answers 400 like OpenAI for a
+  missing ``model`` or ``file``, a file name whose extension is not one of
+  :data:`AUDIO_EXTENSIONS` (``voice.opus`` is refused, ``voice.ogg`` accepted), an empty file and
+  an unknown ``response_format``; 413 above 25 MiB. The transcript is
+  :attr:`FakeOpenAI.transcript` (a string, a function of the record, or ``None`` for
+  ``"transcript of <file name>"``), or the ``text`` of a one-shot :class:`Reply`; it is answered
+  as ``{"text": ...}`` (``json`` or no format), plain text (``text``), ``verbose_json``, ``srt``
+  or ``vtt``.
+* ``images/generations`` takes ``{model, prompt, n?, size?, quality?, response_format?}`` and
+  answers :attr:`FakeOpenAI.image_png` (default :data:`FAKE_IMAGE_PNG`, a solid
+  :data:`FAKE_IMAGE_RGB` square) ``n`` times: as ``b64_json`` with gpt-image usage for
+  ``gpt-image-*`` models (which, like OpenAI, refuse a ``response_format`` with 400
+  ``unknown_parameter``), as a URL for ``dall-e-*`` models unless ``response_format`` is
+  ``b64_json`` (``revised_prompt`` for ``dall-e-3``). A missing or empty prompt or a bad ``n``
+  answers 400; :func:`content_policy_violation` is the safety system's refusal.
+
 Usage numbers are deterministic: ``prompt_tokens`` is the sum of :func:`estimate_tokens` over
 the text of every message, ``completion_tokens`` is the number of content chunks of the reply
 (the same chunking is used for streaming and non-streaming answers).
@@ -48,13 +78,16 @@ the text of every message, ``completion_tokens`` is the number of content chunks
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import itertools
 import json
 import math
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -66,17 +99,26 @@ from aiohttp import web
 from tests.fakes._background import Latch, ServerLifecycle, ServerThread, SignalEvent, wait_any
 
 __all__ = [
+    "AUDIO_EXTENSIONS",
     "CHAT_PATH",
     "DEFAULT_MODELS",
+    "FAKE_IMAGE_PNG",
+    "FAKE_IMAGE_RGB",
+    "FILES_PATH",
+    "IMAGES_PATH",
+    "MAX_AUDIO_BYTES",
     "MISSING_API_KEY_ERROR",
     "MODELS_PATH",
     "OPENAI_ERROR_SAMPLES",
     "SAMPLES_FILE",
     "STREAM_OPTIONS_UNSUPPORTED_ERROR",
+    "TRANSCRIPTIONS_PATH",
+    "TRANSCRIPTION_FORMATS",
     "Behaviour",
     "ErrorResponse",
     "FakeOpenAI",
     "FakeOpenAIThread",
+    "FormFile",
     "Gate",
     "Hang",
     "KeyScript",
@@ -88,6 +130,7 @@ __all__ = [
     "SignalEvent",
     "StreamError",
     "azure_rate_limited",
+    "content_policy_violation",
     "context_length_exceeded",
     "echo_reply",
     "error_sample",
@@ -100,6 +143,7 @@ __all__ = [
     "not_found_page",
     "rate_limit_exceeded",
     "server_error",
+    "solid_png",
     "split_chunks",
 ]
 
@@ -107,6 +151,16 @@ JSON: TypeAlias = dict[str, Any]
 
 CHAT_PATH: Final = "/v1/chat/completions"
 MODELS_PATH: Final = "/v1/models"
+TRANSCRIPTIONS_PATH: Final = "/v1/audio/transcriptions"
+IMAGES_PATH: Final = "/v1/images/generations"
+FILES_PATH: Final = "/files"
+"""Where generated images asked for as URLs are served: ``GET /files/<name>.png`` (no auth)."""
+AUDIO_EXTENSIONS: Final = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
+"""File name extensions ``audio/transcriptions`` accepts (OpenAI's list; it checks the name)."""
+MAX_AUDIO_BYTES: Final = 25 * 1024 * 1024
+"""OpenAI's upload limit for ``audio/transcriptions`` (larger files answer 413)."""
+TRANSCRIPTION_FORMATS: Final = ("json", "text", "srt", "verbose_json", "vtt")
+_CLIENT_MAX_SIZE: Final = 64 * 1024 * 1024
 DEFAULT_MODELS: Final[tuple[str, ...]] = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 RPM_WINDOW_SECONDS: Final = 60.0
 
@@ -148,6 +202,33 @@ STREAM_OPTIONS_UNSUPPORTED_ERROR: Final[JSON] = {
         "code": None,
     }
 }
+
+
+def solid_png(
+    width: int = 16, height: int = 16, rgb: tuple[int, int, int] = (255, 0, 255)
+) -> bytes:
+    """A valid PNG of one colour (8-bit RGB, no interlace), built with :mod:`zlib` alone."""
+    if width <= 0 or height <= 0:
+        raise ValueError("width and height must be positive")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = b"\x00" + bytes(rgb) * width  # filter type 0, then the pixels
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
+
+
+FAKE_IMAGE_RGB: Final = (255, 0, 255)
+"""The colour of :data:`FAKE_IMAGE_PNG`: magenta, so a test can tell the fake's image apart."""
+FAKE_IMAGE_PNG: Final = solid_png(16, 16, FAKE_IMAGE_RGB)
+"""The default :attr:`FakeOpenAI.image_png`: a 16x16 PNG of :data:`FAKE_IMAGE_RGB`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +467,36 @@ def in_stream_error(
     return StreamError({"error": error}, after_chunks=after_chunks, event=event)
 
 
+def content_policy_violation() -> ErrorResponse:
+    """400 ``content_policy_violation``: OpenAI's safety system refused an image prompt."""
+    return ErrorResponse(
+        400,
+        {
+            "error": {
+                "code": "content_policy_violation",
+                "message": (
+                    "Your request was rejected as a result of our safety system. Your prompt "
+                    "may contain text that is not allowed by our safety system."
+                ),
+                "type": "invalid_request_error",
+                "param": None,
+            }
+        },
+    )
+
+
+def _invalid_request(
+    message: str, *, param: str | None = None, code: str | None = None, status: int = 400
+) -> ErrorResponse:
+    error: JSON = {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": param,
+        "code": code,
+    }
+    return ErrorResponse(status, {"error": error})
+
+
 def not_found_page(status: int = 404) -> RawResponse:
     """What a server without this route answers: ``404 page not found`` as plain text.
 
@@ -404,9 +515,27 @@ def html_page(status: int = 200) -> RawResponse:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FormFile:
+    """One file part of a multipart request, as received."""
+
+    filename: str | None
+    content_type: str | None
+    data: bytes = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        """Length of :attr:`data` in bytes."""
+        return len(self.data)
+
+
 @dataclass
 class RequestRecord:
-    """One request received by the fake (logged before it is answered)."""
+    """One request received by the fake (logged before it is answered).
+
+    For a multipart request (``audio/transcriptions``) :attr:`body` holds the text fields and,
+    per file field, ``{"filename", "content_type", "size"}``; the bytes are in :attr:`files`.
+    """
 
     index: int
     time: float
@@ -420,6 +549,16 @@ class RequestRecord:
     messages: list[JSON] = field(default_factory=list)
     stream: bool = False
     stream_options: JSON | None = None
+    form: dict[str, str] = field(default_factory=dict)
+    """Text fields of a multipart form (``model``, ``response_format``, ``language`` …)."""
+    files: dict[str, FormFile] = field(default_factory=dict)
+    """File parts of a multipart form by field name: ``record.files["file"].data``."""
+
+    @property
+    def prompt(self) -> str | None:
+        """The ``prompt`` of an image or transcription request, if it has one."""
+        prompt = self.body.get("prompt")
+        return prompt if isinstance(prompt, str) else None
 
     @property
     def last_user_text(self) -> str:
@@ -431,6 +570,7 @@ class RequestRecord:
 
 
 ReplyFn: TypeAlias = Callable[[RequestRecord], str]
+TranscriptFn: TypeAlias = Callable[[RequestRecord], str]
 
 
 @dataclass
@@ -441,7 +581,9 @@ class KeyScript:
     the key and the default, the reply is :func:`echo_reply`. ``rpm_limit`` is applied per key
     (a default limit gives every key its own window). ``persistent`` applies to every chat
     request without a one-shot behaviour, ``models_persistent`` likewise to ``GET /v1/models``
-    (and ``/v1/models/{id}``); ``queue`` holds one-shot behaviours consumed in order.
+    (and ``/v1/models/{id}``), ``transcriptions_persistent`` to ``audio/transcriptions`` and
+    ``images_persistent`` to ``images/generations``; ``queue`` holds one-shot behaviours
+    consumed in order (each tagged with the path it is for).
     """
 
     reply: str | ReplyFn | None = None
@@ -454,6 +596,8 @@ class KeyScript:
     invalid: bool | None = None
     persistent: Behaviour | None = None
     models_persistent: Behaviour | None = None
+    transcriptions_persistent: Behaviour | None = None
+    images_persistent: Behaviour | None = None
     queue: deque[tuple[str, Behaviour]] = field(default_factory=deque)
 
     def enqueue(self, *behaviours: Behaviour, path: str = CHAT_PATH) -> KeyScript:
@@ -482,6 +626,8 @@ class _Effective:
     invalid: bool
     persistent: Behaviour | None
     models_persistent: Behaviour | None
+    transcriptions_persistent: Behaviour | None
+    images_persistent: Behaviour | None
 
 
 class ManualClock:
@@ -551,7 +697,9 @@ class FakeOpenAI(ServerLifecycle):
 
     Use ``async with FakeOpenAI() as fake`` (or :meth:`start` / :meth:`stop`), then point a
     client at :attr:`base_url`. ``clock`` drives the rpm window (default :func:`time.monotonic`;
-    pass a :class:`ManualClock` for deterministic tests).
+    pass a :class:`ManualClock` for deterministic tests). :attr:`transcript` and
+    :attr:`image_png` are what the media endpoints answer; :attr:`image_files` what
+    ``GET /files/<name>`` serves.
     """
 
     def __init__(
@@ -574,6 +722,14 @@ class FakeOpenAI(ServerLifecycle):
             reject_stream_options=False,
             invalid=False,
         )
+        self.transcript: str | TranscriptFn | None = None
+        """What ``audio/transcriptions`` answers: a string, a function of the
+        :class:`RequestRecord`, or ``None`` for ``"transcript of <file name>"``."""
+        self.image_png: bytes = FAKE_IMAGE_PNG
+        """The image every ``images/generations`` answer carries (b64 or behind a URL)."""
+        self.image_files: dict[str, bytes] = {}
+        """``name -> bytes`` served at ``GET /files/<name>`` (URLs of generated images); remove
+        an entry to make its URL answer 404, as an expired link does."""
         self.requests: list[RequestRecord] = []
         self._scripts: dict[str, KeyScript] = {}
         self._gates: list[Gate] = []
@@ -592,10 +748,13 @@ class FakeOpenAI(ServerLifecycle):
         if self._runner is not None:
             return
         self._closing = SignalEvent()
-        app = web.Application()
+        app = web.Application(client_max_size=_CLIENT_MAX_SIZE)
         app.router.add_post(CHAT_PATH, self._handle_chat)
         app.router.add_get(MODELS_PATH, self._handle_models)
         app.router.add_get(MODELS_PATH + "/{model}", self._handle_model)
+        app.router.add_post(TRANSCRIPTIONS_PATH, self._handle_transcription)
+        app.router.add_post(IMAGES_PATH, self._handle_images)
+        app.router.add_get(FILES_PATH + "/{name}", self._handle_file)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._requested_port)
@@ -641,6 +800,8 @@ class FakeOpenAI(ServerLifecycle):
         invalid: bool | None = None,
         persistent: Behaviour | None = None,
         models_persistent: Behaviour | None = None,
+        transcriptions_persistent: Behaviour | None = None,
+        images_persistent: Behaviour | None = None,
     ) -> KeyScript:
         """Return the (created on demand) script of ``key``, setting every non-None argument.
 
@@ -659,6 +820,8 @@ class FakeOpenAI(ServerLifecycle):
                 "invalid": invalid,
                 "persistent": persistent,
                 "models_persistent": models_persistent,
+                "transcriptions_persistent": transcriptions_persistent,
+                "images_persistent": images_persistent,
             }
             for name, value in updates.items():
                 if value is not None:
@@ -682,6 +845,10 @@ class FakeOpenAI(ServerLifecycle):
         self, key: str | None = None, *, after_chunks: int = 0, path: str = CHAT_PATH
     ) -> Gate:
         """Hold the next request to ``path`` (from ``key``, or any key) until released.
+
+        ``path`` is any endpoint of the fake (:data:`CHAT_PATH`, :data:`MODELS_PATH`,
+        :data:`TRANSCRIPTIONS_PATH`, :data:`IMAGES_PATH`, or :data:`FILES_PATH` with ``key=None``
+        for image downloads).
 
         ``await gate.arrived.wait()`` (or ``gate.wait_arrived_blocking()``) tells when the
         request reached the hold point; ``gate.release()`` lets it continue. ``after_chunks=1``
@@ -790,9 +957,19 @@ class FakeOpenAI(ServerLifecycle):
                 invalid=bool(pick("invalid")),
                 persistent=pick("persistent"),
                 models_persistent=pick("models_persistent"),
+                transcriptions_persistent=pick("transcriptions_persistent"),
+                images_persistent=pick("images_persistent"),
             )
 
-    def _log(self, request: web.Request, key: str | None, body: JSON) -> RequestRecord:
+    def _log(
+        self,
+        request: web.Request,
+        key: str | None,
+        body: JSON,
+        *,
+        form: dict[str, str] | None = None,
+        files: dict[str, FormFile] | None = None,
+    ) -> RequestRecord:
         raw_messages = body.get("messages")
         messages = [m for m in raw_messages if isinstance(m, dict)] if raw_messages else []
         stream_options = body.get("stream_options")
@@ -810,6 +987,8 @@ class FakeOpenAI(ServerLifecycle):
                 messages=messages,
                 stream=bool(body.get("stream")),
                 stream_options=stream_options if isinstance(stream_options, dict) else None,
+                form=dict(form or {}),
+                files=dict(files or {}),
             )
             self.requests.append(record)
             woken = [w for w in self._request_waiters if sum(map(w[0], self.requests)) >= w[1]]
@@ -818,7 +997,7 @@ class FakeOpenAI(ServerLifecycle):
             event.set()
         return record
 
-    def _take_gate(self, key: str, path: str) -> Gate | None:
+    def _take_gate(self, key: str | None, path: str) -> Gate | None:
         with self._lock:
             for gate in self._gates:
                 if gate.path == path and (gate.key is None or gate.key == key):
@@ -826,24 +1005,33 @@ class FakeOpenAI(ServerLifecycle):
                     return gate
         return None
 
-    def _next_behaviour(self, key: str, path: str, effective: _Effective) -> Behaviour | None:
+    def _next_behaviour(
+        self, key: str | None, path: str, effective: _Effective | None
+    ) -> Behaviour | None:
         with self._lock:
-            script = self._scripts.get(key)
+            script = self._scripts.get(key) if key is not None else None
             behaviour = script._pop(path) if script is not None else None
             if behaviour is None:
                 behaviour = self.default._pop(path)
-        if behaviour is None and path == CHAT_PATH:
-            behaviour = effective.persistent
-        if behaviour is None and path == MODELS_PATH:
-            behaviour = effective.models_persistent
+        if behaviour is None and effective is not None:
+            persistent = {
+                CHAT_PATH: effective.persistent,
+                MODELS_PATH: effective.models_persistent,
+                TRANSCRIPTIONS_PATH: effective.transcriptions_persistent,
+                IMAGES_PATH: effective.images_persistent,
+            }
+            behaviour = persistent.get(path)
         return behaviour
 
-    def _check_rpm(self, key: str, limit: int | None) -> ErrorResponse | None:
+    def _check_rpm(
+        self, key: str, limit: int | None, path: str = CHAT_PATH
+    ) -> ErrorResponse | None:
         if limit is None:
             return None
         now = self.clock()
+        window_key = key if path == CHAT_PATH else f"{path} {key}"
         with self._lock:
-            window = self._rpm_windows.setdefault(key, deque())
+            window = self._rpm_windows.setdefault(window_key, deque())
             while window and window[0] <= now - RPM_WINDOW_SECONDS:
                 window.popleft()
             if len(window) < limit:
@@ -901,6 +1089,46 @@ class FakeOpenAI(ServerLifecycle):
             transport.abort()
 
     @staticmethod
+    async def _read_form(request: web.Request) -> tuple[dict[str, str], dict[str, FormFile]]:
+        """Text fields and file parts of a multipart (or urlencoded) body; empty for others."""
+        fields: dict[str, str] = {}
+        files: dict[str, FormFile] = {}
+        try:
+            form = await request.post()
+        except ValueError:
+            return fields, files
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                files[name] = FormFile(value.filename, value.content_type, value.file.read())
+            elif isinstance(value, str):
+                fields[name] = value
+            else:
+                fields[name] = bytes(value).decode("utf-8", errors="replace")
+        return fields, files
+
+    async def _scripted(
+        self, request: web.Request, behaviour: Behaviour | None, gate: Gate | None
+    ) -> web.StreamResponse | None:
+        """Steps 5 and 6 for an endpoint without a stream: hold, then answer a scripted failure.
+
+        Returns ``None`` when the request should be answered normally; raises ``_Aborted``.
+        """
+        if gate is not None:
+            await self._hold(gate, request)
+        if isinstance(behaviour, Hang):
+            await self._hold(behaviour, request)
+        if isinstance(behaviour, ErrorResponse):
+            return self._error(behaviour)
+        if isinstance(behaviour, RawResponse):
+            return self._raw(behaviour)
+        if isinstance(behaviour, StreamError):
+            return self._error(ErrorResponse(500, behaviour.payload))
+        if isinstance(behaviour, ResetAfter):
+            self._abort(request)
+            raise _Aborted
+        return None
+
+    @staticmethod
     async def _read_json(request: web.Request) -> JSON | None:
         raw = await request.read()
         if not raw:
@@ -934,19 +1162,9 @@ class FakeOpenAI(ServerLifecycle):
         try:
             behaviour = self._next_behaviour(key, MODELS_PATH, effective)
             gate = self._take_gate(key, MODELS_PATH)
-            if gate is not None:
-                await self._hold(gate, request)
-            if isinstance(behaviour, Hang):
-                await self._hold(behaviour, request)
-            if isinstance(behaviour, ErrorResponse):
-                return self._error(behaviour)
-            if isinstance(behaviour, RawResponse):
-                return self._raw(behaviour)
-            if isinstance(behaviour, StreamError):
-                return self._error(ErrorResponse(500, behaviour.payload))
-            if isinstance(behaviour, ResetAfter):
-                self._abort(request)
-                raise _Aborted
+            scripted = await self._scripted(request, behaviour, gate)
+            if scripted is not None:
+                return scripted
         except _Aborted:
             return web.Response()
         headers = {"x-request-id": self._request_id()}
@@ -1019,6 +1237,163 @@ class FakeOpenAI(ServerLifecycle):
             return await self._reply(request, record, effective, behaviour, gate)
         except _Aborted:
             return web.Response()
+
+    async def _handle_transcription(self, request: web.Request) -> web.StreamResponse:
+        key = self._auth(request)
+        form, files = await self._read_form(request)
+        body: JSON = dict(form)
+        for name, part in files.items():
+            body[name] = {
+                "filename": part.filename,
+                "content_type": part.content_type,
+                "size": part.size,
+            }
+        record = self._log(request, key, body, form=form, files=files)
+        if key is None:
+            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR)))
+        effective = self._effective(key)
+        if effective.invalid:
+            return self._error(invalid_api_key())
+        invalid = _check_transcription(record)
+        if invalid is not None:
+            return self._error(invalid)
+        limited = self._check_rpm(key, effective.rpm_limit, TRANSCRIPTIONS_PATH)
+        if limited is not None:
+            return self._error(limited)
+        behaviour = self._next_behaviour(key, TRANSCRIPTIONS_PATH, effective)
+        gate = self._take_gate(key, TRANSCRIPTIONS_PATH)
+        try:
+            scripted = await self._scripted(request, behaviour, gate)
+            if scripted is not None:
+                return scripted
+            override = behaviour if isinstance(behaviour, Reply) else Reply()
+            await self._sleep(override.first_token_delay or 0.0, request)
+        except _Aborted:
+            return web.Response()
+        text = override.text if override.text is not None else self._transcript_for(record)
+        headers = {"x-request-id": self._request_id()}
+        response_format = record.form.get("response_format") or "json"
+        if response_format == "json":
+            return web.json_response({"text": text}, headers=headers)
+        if response_format == "verbose_json":
+            verbose = {
+                "task": "transcribe",
+                "language": record.form.get("language") or "english",
+                "duration": 1.0,
+                "text": text,
+                "segments": [],
+            }
+            return web.json_response(verbose, headers=headers)
+        if response_format == "srt":
+            text = f"1\n00:00:00,000 --> 00:00:01,000\n{text}\n\n"
+        elif response_format == "vtt":
+            text = f"WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{text}\n\n"
+        return web.Response(text=text, content_type="text/plain", headers=headers)
+
+    def _transcript_for(self, record: RequestRecord) -> str:
+        transcript = self.transcript
+        if transcript is None:
+            part = record.files.get("file")
+            return f"transcript of {part.filename if part is not None else 'audio'}"
+        return transcript if isinstance(transcript, str) else transcript(record)
+
+    async def _handle_images(self, request: web.Request) -> web.StreamResponse:
+        key = self._auth(request)
+        body = await self._read_json(request)
+        self._log(request, key, body if body is not None else {})
+        if key is None:
+            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR)))
+        effective = self._effective(key)
+        if effective.invalid:
+            return self._error(invalid_api_key())
+        if body is None:
+            return self._error(
+                _invalid_request(
+                    "We could not parse the JSON body of your request. (HINT: This likely means "
+                    "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
+                    "payload, but what was sent was not valid JSON.)"
+                )
+            )
+        invalid = _check_image_request(body)
+        if invalid is not None:
+            return self._error(invalid)
+        limited = self._check_rpm(key, effective.rpm_limit, IMAGES_PATH)
+        if limited is not None:
+            return self._error(limited)
+        behaviour = self._next_behaviour(key, IMAGES_PATH, effective)
+        gate = self._take_gate(key, IMAGES_PATH)
+        try:
+            scripted = await self._scripted(request, behaviour, gate)
+            if scripted is not None:
+                return scripted
+            if isinstance(behaviour, Reply):
+                await self._sleep(behaviour.first_token_delay or 0.0, request)
+        except _Aborted:
+            return web.Response()
+        return web.json_response(
+            self._images_payload(body), headers={"x-request-id": self._request_id()}
+        )
+
+    def _images_payload(self, body: JSON) -> JSON:
+        model = str(body.get("model") or "dall-e-2")
+        prompt = str(body["prompt"])
+        n = int(body.get("n") or 1)
+        gpt_image = model.startswith("gpt-image")
+        response_format = body.get("response_format") or ("b64_json" if gpt_image else "url")
+        image = self.image_png
+        items: list[JSON] = []
+        for _ in range(n):
+            item: JSON
+            if response_format == "url":
+                name = f"img-fake{next(self._counter)}.png"
+                with self._lock:
+                    self.image_files[name] = image
+                item = {"url": f"{self.url}{FILES_PATH}/{name}"}
+            else:
+                item = {"b64_json": base64.b64encode(image).decode("ascii")}
+            if model.startswith("dall-e-3"):
+                item["revised_prompt"] = prompt
+            items.append(item)
+        payload: JSON = {"created": int(time.time()), "data": items}
+        if gpt_image:
+            size = str(body.get("size") or "auto")
+            quality = str(body.get("quality") or "auto")
+            prompt_tokens = estimate_tokens(prompt)
+            output_tokens = 272 * n  # what gpt-image-1 charges for one low-quality square
+            payload.update(
+                {
+                    "background": "opaque",
+                    "output_format": "png",
+                    "quality": quality if quality in ("low", "medium", "high") else "high",
+                    "size": size if size != "auto" else "1024x1024",
+                    "usage": {
+                        "input_tokens": prompt_tokens,
+                        "input_tokens_details": {"image_tokens": 0, "text_tokens": prompt_tokens},
+                        "output_tokens": output_tokens,
+                        "total_tokens": prompt_tokens + output_tokens,
+                    },
+                }
+            )
+        return payload
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        key = self._auth(request)
+        self._log(request, key, {})
+        try:
+            behaviour = self._next_behaviour(key, FILES_PATH, None)
+            gate = self._take_gate(key, FILES_PATH)
+            scripted = await self._scripted(request, behaviour, gate)
+            if scripted is not None:
+                return scripted
+        except _Aborted:
+            return web.Response()
+        with self._lock:
+            data = self.image_files.get(request.match_info["name"])
+        if data is None:
+            return web.Response(
+                status=404, text="The specified blob does not exist.", content_type="text/plain"
+            )
+        return web.Response(body=data, content_type="image/png")
 
     async def _reply(
         self,
@@ -1155,6 +1530,94 @@ class FakeOpenAI(ServerLifecycle):
     async def _send_stream_error(response: web.StreamResponse, error: StreamError) -> None:
         await response.write(_sse(error.payload, event=error.event))
         await response.write_eof()
+
+
+def _check_transcription(record: RequestRecord) -> ErrorResponse | None:
+    """OpenAI's 4xx answers to a transcription request it will not take, else ``None``."""
+    if not record.form.get("model"):
+        return _invalid_request("you must provide a model parameter")
+    part = record.files.get("file")
+    if part is None:
+        return _invalid_request(
+            "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
+        )
+    extension = (part.filename or "").rpartition(".")[2].lower()
+    if extension not in AUDIO_EXTENSIONS:
+        supported = ", ".join(repr(e) for e in AUDIO_EXTENSIONS)
+        return _invalid_request(f"Invalid file format. Supported formats: [{supported}]")
+    if part.size > MAX_AUDIO_BYTES:
+        return ErrorResponse(
+            413,
+            {
+                "error": {
+                    "message": (
+                        f"Maximum content size limit ({MAX_AUDIO_BYTES}) exceeded "
+                        f"({part.size} bytes read)"
+                    ),
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+        )
+    if part.size == 0:
+        return _invalid_request(
+            "Audio file is too short. Minimum audio length is 0.1 seconds.",
+            param="file",
+            code="audio_too_short",
+        )
+    response_format = record.form.get("response_format")
+    if response_format is not None and response_format not in TRANSCRIPTION_FORMATS:
+        return _invalid_request(
+            f"Invalid value: '{response_format}'. Supported values are: 'json', 'text', 'srt', "
+            "'verbose_json', and 'vtt'.",
+            param="response_format",
+            code="invalid_value",
+        )
+    return None
+
+
+def _check_image_request(body: JSON) -> ErrorResponse | None:
+    """OpenAI's 400 answers to an image request it will not take, else ``None``."""
+    model = str(body.get("model") or "dall-e-2")
+    prompt = body.get("prompt")
+    if prompt is None:
+        return _invalid_request(
+            "Missing required parameter: 'prompt'.",
+            param="prompt",
+            code="missing_required_parameter",
+        )
+    if not isinstance(prompt, str) or not prompt.strip():
+        return _invalid_request(
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got an "
+            "empty string instead.",
+            param="prompt",
+            code="empty_string",
+        )
+    response_format = body.get("response_format")
+    if response_format is not None and model.startswith("gpt-image"):
+        return _invalid_request(
+            "Unknown parameter: 'response_format'.",
+            param="response_format",
+            code="unknown_parameter",
+        )
+    if response_format not in (None, "url", "b64_json"):
+        return _invalid_request(
+            f"Invalid value: '{response_format}'. Supported values are: 'url' and 'b64_json'.",
+            param="response_format",
+            code="invalid_value",
+        )
+    n = body.get("n")
+    most = 1 if model.startswith("dall-e-3") else 10
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= most):
+        problem = "below minimum value" if isinstance(n, int) and n < 1 else "above maximum value"
+        return _invalid_request(
+            f"Invalid 'n': integer {problem}. Expected a value between 1 and {most}, but got "
+            f"{n!r} instead.",
+            param="n",
+            code="integer_below_min_value" if "below" in problem else "integer_above_max_value",
+        )
+    return None
 
 
 def _sse(obj: JSON, *, event: str | None = None) -> bytes:
