@@ -560,3 +560,18 @@ async def test_the_same_image_message_answered_again_is_held_once(
     await bot.send(image)  # e.g. resumed after a restart before its reply was committed
     await bot.send(text="what is it?")
     assert [p["type"] for p in user_parts(chat_requests(fake)[-1])] == ["text", "image_url"]
+
+
+async def test_the_help_mentions_media_and_draw_only_where_the_transport_handles_them(
+    start: Any,
+) -> None:
+    bot = await start()
+    wired = (await bot.send(text="/help")).text
+    assert "voice message, an image or a file" in wired
+    assert "/draw <description>" in wired
+    assert bot.harness.service.media is not None
+    bot.harness.service.media.source = None  # a transport without downloads, like the terminal
+    bot.harness.service.images = None
+    bare = (await bot.send(text="/help")).text
+    assert "voice message" not in bare
+    assert "/draw" not in bare

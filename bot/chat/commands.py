@@ -96,10 +96,12 @@ _ADMINS = (
 )
 
 
-def help_text(*, admin: bool = False, donations: bool = True, drawing: bool = True) -> str:
+def help_text(
+    *, admin: bool = False, donations: bool = True, drawing: bool = True, media: bool = True
+) -> str:
     """The help: every command with a one-line description; admin commands only for admins,
-    /draw only when drawing is on."""
-    lines = [_INTRO, _MEDIA_INTRO, "", "Commands:", *_EVERYONE]
+    /draw only when drawing is on, what may be sent besides text only where it is read."""
+    lines = [_INTRO, *([_MEDIA_INTRO] if media else []), "", "Commands:", *_EVERYONE]
     if drawing:
         lines[-1:-1] = _DRAW
     if donations:

@@ -2,9 +2,12 @@
 
 For each message: wait for its turn in its conversation (messages of one conversation are answered
 one at a time, in the order :meth:`ConversationService.handle` was called, each only after the
-previous reply was committed or closed; conversations run concurrently), run a command or load the
-newest history that fits the token budget, build the prompt, and stream the LLM's answer. The
-exchange is saved by :meth:`Reply.commit` once the transport delivered it.
+previous reply was committed or closed; conversations run concurrently), read its media
+(:mod:`bot.chat.media`: a voice message becomes its transcript, images and files sent alone are
+held for the next question), run a command (``/draw`` draws and publishes an image) or load the
+newest history that fits the token budget, build the prompt (with the images and files' text
+the question comes with), and stream the LLM's answer. The exchange is saved by
+:meth:`Reply.commit` once the transport delivered it.
 """
 
 from __future__ import annotations
@@ -175,7 +178,8 @@ class ConversationService:
         return help_text(
             admin=self.access.is_admin(user_ids),
             donations=self._donations,
-            drawing=self._draw_model is not None,
+            drawing=self._draw_model is not None and self.images is not None,
+            media=self.media is not None and self.media.source is not None,
         )
 
     @property

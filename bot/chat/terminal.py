@@ -18,7 +18,7 @@ import threading
 from typing import TextIO, cast
 
 from bot import signals
-from bot.chat.replies import ReplyDelta, ReplyFailed, ReplyFinished, ReplyNotice
+from bot.chat.replies import ReplyDelta, ReplyFailed, ReplyFinished, ReplyNotice, ReplyPreface
 from bot.chat.service import ConversationService, IncomingMessage
 
 CONVERSATION_ID = "terminal"
@@ -191,6 +191,8 @@ class TerminalChat:
                     self._write(event.text)
                 elif isinstance(event, ReplyNotice):
                     self._write(f"[{event.text}]\n")
+                elif isinstance(event, ReplyPreface):
+                    self._write(f"{event.text}\n")
                 elif isinstance(event, ReplyFinished):
                     if not streamed:
                         self._write(event.text)

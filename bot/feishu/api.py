@@ -24,7 +24,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -258,15 +258,17 @@ class FeishuApi:
         """The bytes of an image, file or voice message a user sent (``kind`` ``image`` for
         images, ``file`` for files and voice); a resource over ``max_bytes`` raises
         :class:`FeishuApiError` with code :data:`CODE_TOO_LARGE` before it is read whole."""
-        return await self.call(
+        request = _Request(
             "resource_download",
             "GET",
             "/open-apis/im/v1/messages/:message_id/resources/:file_key",
-            paths={"message_id": message_id, "file_key": key},
-            queries=[("type", kind)],
-            max_bytes=max_bytes,
-            read=read_bytes,
+            {"message_id": message_id, "file_key": key},
+            [("type", kind)],
+            None,
+            None,
+            max_bytes,
         )
+        return await self._retried(request, read_bytes)
 
     async def upload_image(self, data: bytes, *, content_type: str = "image/png") -> str:
         """Upload an image to show in messages and cards (Feishu takes up to 10 MB); return its
@@ -301,7 +303,6 @@ class FeishuApi:
 
     # ---- the machinery -----------------------------------------------------------------------
 
-    @overload
     async def call(
         self,
         what: str,
@@ -313,40 +314,14 @@ class FeishuApi:
         body: Any = None,
         upload: Upload | None = None,
         retry: bool = True,
-    ) -> dict[str, Any]: ...
-
-    @overload
-    async def call(
-        self,
-        what: str,
-        method: str,
-        uri: str,
-        *,
-        paths: Mapping[str, str] | None = None,
-        queries: Sequence[tuple[str, str]] = (),
-        body: Any = None,
-        upload: Upload | None = None,
-        retry: bool = True,
-        max_bytes: int | None = None,
-        read: Reader[T],
-    ) -> T: ...
-
-    async def call(
-        self,
-        what: str,
-        method: str,
-        uri: str,
-        *,
-        paths: Mapping[str, str] | None = None,
-        queries: Sequence[tuple[str, str]] = (),
-        body: Any = None,
-        upload: Upload | None = None,
-        retry: bool = True,
-        max_bytes: int | None = None,
-        read: Reader[Any] | None = None,
-    ) -> Any:
+    ) -> dict[str, Any]:
         """Make the call (retrying transient failures unless ``retry`` is False); return its
-        ``data`` (or what ``read`` makes of the raw answer) or raise :class:`FeishuApiError`."""
+        ``data`` or raise :class:`FeishuApiError`."""
+        request = _Request(what, method, uri, paths or {}, queries, body, upload, None)
+        return await self._retried(request, read_answer, retry=retry)
+
+    async def _retried(self, request: _Request, read: Reader[T], *, retry: bool = True) -> T:
+        """``request`` made (retried while transient), its answer made a result by ``read``."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts if retry else 1),
             retry=retry_if_exception(lambda exc: isinstance(exc, FeishuApiError) and exc.retryable),
@@ -355,10 +330,9 @@ class FeishuApi:
             before_sleep=self._before_sleep,
             reraise=True,
         )
-        request = _Request(what, method, uri, paths or {}, queries, body, upload, max_bytes)
         async for attempt in retrying:
             with attempt:
-                return await self._call_once(request, read or read_answer)
+                return await self._call_once(request, read)
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
     def _wait(self, state: RetryCallState) -> float:

@@ -1,10 +1,12 @@
 """Feishu messages as the bot sees them: the channel's ``InboundMessage`` mapped once, here.
 
 Nothing deeper touches the SDK's types. The mapping decides the conversation (p2p: the user;
-group: the thread), strips the bot's @mention from the text, and tells text from what the bot
-cannot read yet. A post keeps only its text: the image and video markup the SDK renders for it
-(``![image](img_…)``, ``[media:file_…]``) would mean nothing to the model, and a post with
-nothing else is answered like an image.
+group: the thread), strips the bot's @mention from the text, and tells text, voice messages,
+images and files (carried as :class:`MediaItem` resource keys, read later by the service) from
+what the bot cannot read. A post keeps its text and its images: the image and video markup the
+SDK renders into its text (``![image](img_…)``, ``[media:file_…]``) would mean nothing to the
+model, so it is dropped and the images travel as media; a post of images only is an image
+message, one of videos only is not read.
 
 What the channel hands over is not trusted to be well formed: every field is read defensively
 and every string is made valid Unicode (a lone surrogate, which JSON's ``"\\ud800"`` decodes to,

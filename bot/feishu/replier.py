@@ -28,6 +28,11 @@ with an italic footer line, after the notes (``chat.footer``: the model and the 
 message was accepted, in ``full`` also the reported tokens and the key id). It is a line of the
 answer's markdown element, so the card, patch and text ways all show it the same. The replier
 also times the first text of a model's answer that Feishu took (metrics: first-text latency).
+
+A :class:`ReplyPreface` (a voice message's transcript) is shown above the answer, like the
+"sorry for the delay" prefix. With ``formulas`` (:class:`bot.feishu.formula_images.FormulaImages`)
+the LaTeX of an answer shows as code while it streams, and each card's final text has its
+formulas drawn, uploaded and placed as images.
 """
 
 from __future__ import annotations

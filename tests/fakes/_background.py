@@ -8,6 +8,7 @@
 * :class:`ServerThread` runs an async server object (anything with ``start()`` / ``stop()``
   coroutines, such as ``FakeFeishu`` or ``FakeOpenAI``) on a private event loop in a daemon
   thread, so synchronous test code and subprocess-based tests can use it.
+* :func:`read_form` reads a multipart body into text fields and :class:`FormFile` parts.
 
 The public classes of the fakes (``FakeFeishuThread``, ``FakeOpenAIThread``, ``Gate``, their
 ``SignalEvent``) are built on this module and re-exported by ``feishu_server`` /
@@ -20,8 +21,11 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
+
+from aiohttp import web
 
 __all__ = [
     "AsyncServer",
@@ -313,3 +317,35 @@ class ServerThread(Generic[S]):
             coro.close()
             raise
         return future.result(timeout)
+
+
+@dataclass(frozen=True)
+class FormFile:
+    """One file part of a multipart request, as received."""
+
+    filename: str | None
+    content_type: str | None
+    data: bytes = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        """Length of :attr:`data` in bytes."""
+        return len(self.data)
+
+
+async def read_form(request: web.Request) -> tuple[dict[str, str], dict[str, FormFile]]:
+    """Text fields and file parts of a multipart (or urlencoded) body; empty for others."""
+    fields: dict[str, str] = {}
+    files: dict[str, FormFile] = {}
+    try:
+        form = await request.post()
+    except ValueError:
+        return fields, files
+    for name, value in form.items():
+        if isinstance(value, web.FileField):
+            files[name] = FormFile(value.filename, value.content_type, value.file.read())
+        elif isinstance(value, str):
+            fields[name] = value
+        else:
+            fields[name] = bytes(value).decode("utf-8", errors="replace")
+    return fields, files

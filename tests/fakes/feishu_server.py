@@ -122,10 +122,12 @@ from aiohttp import WSMsgType, web
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 
 from tests.fakes._background import (
+    FormFile,
     Latch,
     ServerLifecycle,
     ServerThread,
     SignalEvent,
+    read_form,
     resolve_future,
 )
 
@@ -599,20 +601,6 @@ class _Notifier:
 # --------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FormFile:
-    """One file part of a multipart request, as received."""
-
-    filename: str | None
-    content_type: str | None
-    data: bytes = field(repr=False)
-
-    @property
-    def size(self) -> int:
-        """Length of :attr:`data` in bytes."""
-        return len(self.data)
 
 
 @dataclass(frozen=True)
@@ -2117,20 +2105,15 @@ class FakeFeishu(ServerLifecycle):
         if not request.body_exists:
             return None, files
         if request.content_type.startswith("multipart/"):
-            form = await request.post()
-            fields: JSONDict = {}
-            for name, value in form.items():
-                if isinstance(value, web.FileField):
-                    part = FormFile(value.filename, value.content_type, value.file.read())
-                    files[name] = part
-                    fields[name] = {
-                        "filename": part.filename,
-                        "size": part.size,
-                        "content_type": part.content_type,
-                    }
-                else:
-                    fields[name] = value
-            return fields, files
+            fields, files = await read_form(request)
+            described: JSONDict = dict(fields)
+            for name, part in files.items():
+                described[name] = {
+                    "filename": part.filename,
+                    "size": part.size,
+                    "content_type": part.content_type,
+                }
+            return described, files
         raw = await request.read()
         if not raw:
             return None, files

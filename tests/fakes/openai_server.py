@@ -96,7 +96,15 @@ from typing import Any, Final, TypeAlias
 
 from aiohttp import web
 
-from tests.fakes._background import Latch, ServerLifecycle, ServerThread, SignalEvent, wait_any
+from tests.fakes._background import (
+    FormFile,
+    Latch,
+    ServerLifecycle,
+    ServerThread,
+    SignalEvent,
+    read_form,
+    wait_any,
+)
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -513,20 +521,6 @@ def html_page(status: int = 200) -> RawResponse:
 # --------------------------------------------------------------------------------------------
 # Scripts, records, helpers
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FormFile:
-    """One file part of a multipart request, as received."""
-
-    filename: str | None
-    content_type: str | None
-    data: bytes = field(repr=False)
-
-    @property
-    def size(self) -> int:
-        """Length of :attr:`data` in bytes."""
-        return len(self.data)
 
 
 @dataclass
@@ -1088,24 +1082,6 @@ class FakeOpenAI(ServerLifecycle):
         if transport is not None:
             transport.abort()
 
-    @staticmethod
-    async def _read_form(request: web.Request) -> tuple[dict[str, str], dict[str, FormFile]]:
-        """Text fields and file parts of a multipart (or urlencoded) body; empty for others."""
-        fields: dict[str, str] = {}
-        files: dict[str, FormFile] = {}
-        try:
-            form = await request.post()
-        except ValueError:
-            return fields, files
-        for name, value in form.items():
-            if isinstance(value, web.FileField):
-                files[name] = FormFile(value.filename, value.content_type, value.file.read())
-            elif isinstance(value, str):
-                fields[name] = value
-            else:
-                fields[name] = bytes(value).decode("utf-8", errors="replace")
-        return fields, files
-
     async def _scripted(
         self, request: web.Request, behaviour: Behaviour | None, gate: Gate | None
     ) -> web.StreamResponse | None:
@@ -1240,7 +1216,7 @@ class FakeOpenAI(ServerLifecycle):
 
     async def _handle_transcription(self, request: web.Request) -> web.StreamResponse:
         key = self._auth(request)
-        form, files = await self._read_form(request)
+        form, files = await read_form(request)
         body: JSON = dict(form)
         for name, part in files.items():
             body[name] = {
