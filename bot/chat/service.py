@@ -203,6 +203,7 @@ class ConversationService:
         asker = Asker(message.conversation_id, message.chat_id, message.user_id, message.user_ids)
         text = message.text.strip()
         question: Question | None = None
+        quota_checked = False
         if any(item.kind == "audio" for item in message.media):
             # A transcription costs as much as a question: not for a user over the quota.
             refusal = await self.access.quota_exceeded(message.user_id, message.user_ids)
@@ -210,6 +211,7 @@ class ConversationService:
                 bound.info("quota_reached")
                 yield ReplyFailed(refusal, reason="quota")
                 return
+            quota_checked = True
         if message.media and self.media is not None:
             intake = await self.media.intake(
                 MediaMessage(
@@ -268,7 +270,9 @@ class ConversationService:
         if command is not None:
             yield ReplyFinished(await self._run_command(command, asker, bound))
             return
-        refusal = await self.access.quota_exceeded(message.user_id, message.user_ids)
+        refusal = None
+        if not quota_checked:
+            refusal = await self.access.quota_exceeded(message.user_id, message.user_ids)
         if refusal is not None:
             bound.info("quota_reached")
             yield ReplyFailed(refusal, reason="quota")
