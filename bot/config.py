@@ -207,7 +207,7 @@ class ChatSettings(_Section):
     history_retention_days: float = Field(default=90, ge=0)
     footer: FooterMode = "short"
     #: how long an image or file sent alone waits for the question that goes with it
-    attachment_hold_minutes: float = Field(default=10, ge=0, le=24 * 60)
+    attachment_hold_minutes: float = Field(default=10, gt=0, le=24 * 60)
     #: the largest file, image or voice message the bot downloads, in megabytes
     max_file_mb: float = Field(default=10, gt=0, le=100)
     #: the longest voice message the bot transcribes, in seconds

@@ -433,3 +433,41 @@ def test_the_answer_footer_is_short_by_default_and_may_be_full_or_off() -> None:
         assert parse_settings({"chat": {"footer": mode}}).chat.footer == mode
     (problem,) = problems_of({"chat": {"footer": "long"}})
     assert problem.startswith("chat.footer: input should be 'off', 'short' or 'full'")
+
+
+@pytest.mark.parametrize(
+    ("llm", "model"),
+    [
+        ({}, "whisper-1"),  # OpenAI's endpoint transcribes
+        ({"base_url": "https://api.deepseek.com/v1"}, None),  # others: Feishu's speech-to-text
+        (
+            {"base_url": "https://api.deepseek.com/v1", "transcription_model": "sensevoice"},
+            "sensevoice",
+        ),
+        ({"transcription_model": ""}, None),  # "" = never the endpoint
+        ({"transcription_model": "  "}, None),
+    ],
+)
+def test_the_transcription_model_defaults_to_whisper_on_openai_only(
+    llm: dict[str, str], model: str | None
+) -> None:
+    assert parse_settings({"llm": llm}).llm.speech_model() == model
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "problem"),
+    [
+        ("chat", {"attachment_hold_minutes": 0}, "chat.attachment_hold_minutes: input should be"),
+        ("chat", {"max_file_mb": 0}, "chat.max_file_mb: input should be greater than 0"),
+        ("chat", {"max_voice_seconds": 601}, "chat.max_voice_seconds: input should be less than"),
+        ("access", {"daily_images_per_user": -1}, "access.daily_images_per_user: input should be"),
+        ("media", {"formulas": "sometimes"}, "media.formulas: input should be a valid boolean"),
+        ("media", {"images": True}, "media.images: unknown key"),
+    ],
+)
+def test_media_settings_are_checked_and_name_their_field(
+    section: str, values: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_settings({section: values})
+    assert any(line.startswith(problem) for line in error.value.problems), error.value.problems

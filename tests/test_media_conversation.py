@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 from bot.chat.media import (
     FILE_HOLD_TEXT,
     IMAGE_HOLD_TEXT,
+    MAX_HELD_CHARS,
     SILENT_VOICE_TEXT,
     TRANSCRIBE_FAILED_TEXT,
     VISION_OFF_TEXT,
@@ -28,7 +30,7 @@ from bot.chat.media import (
 from bot.chat.replies import ReplyPreface
 from bot.chat.service import DRAW_FAILED_TEXT, DRAW_OFF_TEXT, DRAW_REFUSED_TEXT
 from bot.feishu.media import FeishuMedia
-from tests.chat_harness import KEY_A, Answer, ChatHarness, FakeTime, make_settings
+from tests.chat_harness import KEY_A, KEY_B, Answer, ChatHarness, FakeTime, make_settings
 from tests.fakes.feishu_server import FakeFeishuThread
 from tests.fakes.openai_server import (
     CHAT_PATH,
@@ -44,7 +46,6 @@ from tests.fakes.openai_server import (
 from tests.feishu_clients import feishu_api, running_fake_feishu
 from tests.media_fixtures import make_ogg_opus, make_pdf, make_png
 
-KEY_B = "sk-test-key-b-000000000000000000000002"
 USER = "ou_media_user"
 CHAT = "oc_media_chat"
 
@@ -575,3 +576,18 @@ async def test_the_help_mentions_media_and_draw_only_where_the_transport_handles
     bare = (await bot.send(text="/help")).text
     assert "voice message" not in bare
     assert "/draw" not in bare
+
+
+async def test_a_very_long_file_is_held_cut_and_still_fits_the_question(
+    start: Any, fake: FakeOpenAI
+) -> None:
+    bot = await start(chat={"max_file_mb": 10})
+    big = ("all work and no play makes a dull bot\n" * 80_000).encode()  # about 3 MB
+    held = await bot.send(bot.resource(big, name="big.log"))
+    assert held.text.startswith("Got big.log (about ")
+    (kept,) = await bot.store.held_attachments(f"{CHAT}|{USER}", since=0)
+    assert len(kept.content) == MAX_HELD_CHARS
+    answer = await bot.send(text="what does it say?")
+    assert answer.finished is not None
+    assert re.search(r"big\.log is long: I read only its first \d+ %\.", answer.finished.note or "")
+    assert "all work and no play" in user_parts(chat_requests(fake)[-1])

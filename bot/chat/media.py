@@ -33,12 +33,10 @@ from bot.chat.history import fit_tokens
 from bot.chat.tokens import estimate_tokens
 from bot.config import Settings
 from bot.errors import (
-    AllKeysUnavailable,
     LLMError,
     MediaError,
     MediaTooLarge,
     MediaUnavailable,
-    RequestRejected,
 )
 from bot.keyshapes import contains_key
 from bot.llm.events import DrawnImage
@@ -59,6 +57,10 @@ FEISHU_SPEECH_MAX_S = 60.0
 PREFACE_CHARS = 600
 #: the smallest share of the budget worth giving a file's text
 _MIN_FILE_TOKENS = 50
+#: more characters than one estimated token ever spans (white space aside)
+_MAX_CHARS_PER_TOKEN = 16
+#: the most of a file's text that is held (far more than any token budget takes)
+MAX_HELD_CHARS = 2_000_000
 
 VOICE_OFF_TEXT = (
     "Voice messages are not enabled here, so I cannot listen to this one. Please type your "
@@ -190,18 +192,29 @@ class Question:
         """What the images cost in the token budget."""
         return IMAGE_TOKENS * len(self.images)
 
-    def fit(self, room_tokens: int) -> None:
-        """Fit the files' text into ``room_tokens`` and build the prompt and history texts."""
+    async def fit(self, room_tokens: int) -> None:
+        """Fit the files' text into ``room_tokens`` and build the prompt and history texts
+        (counting a long file's tokens is CPU work: it is done on a worker thread)."""
+        if self.files:
+            await asyncio.to_thread(self._fit, room_tokens)
+        else:
+            self._fit(room_tokens)
+
+    def _fit(self, room_tokens: int) -> None:
         blocks: list[str] = []
         share = room_tokens // max(1, len(self.files))
         for name, text in self.files:
             if share < _MIN_FILE_TOKENS:
                 self.notes.append(f"({name} does not fit in what I can read; I left it out.)")
                 continue
-            fitted, cut = fit_tokens(text, share)
+            # No token is shorter than this many characters but runs of white space: what lies
+            # beyond cannot fit, and counting it would only cost time.
+            fitted, cut = fit_tokens(text[: share * _MAX_CHARS_PER_TOKEN], share)
+            cut = cut or len(text) > share * _MAX_CHARS_PER_TOKEN
             if cut:
-                read = round(100 * len(fitted) / max(1, len(text)))
-                self.notes.append(f"({name} is long: I read only its first {read} %.)")
+                share_read = round(100 * len(fitted) / max(1, len(text)))
+                read = f"{share_read} %" if share_read else "less than 1 %"
+                self.notes.append(f"({name} is long: I read only its first {read}.)")
             blocks.append(f"(The user sent the file {name}:)\n{fitted}")
         self.prompt_text = "\n\n".join([*blocks, self.text])
         marks = " ".join(["[image]"] * len(self.images))
@@ -212,6 +225,13 @@ class Question:
 
 #: what answering a media message comes to: a fixed reply, or a question to ask the model
 Intake = str | Question
+
+
+@dataclass(frozen=True)
+class _ReadFile:
+    text: str
+    pages: int | None
+    tokens: int
 
 
 class MediaReader:
@@ -275,7 +295,8 @@ class MediaReader:
     async def _transcribe(self, message: MediaMessage, voice: MediaRef) -> str:
         limit = self.options.max_voice_s
         model = self.options.transcription_model
-        if model is None and self.speech is None:
+        speech = self.speech
+        if model is None and speech is None:
             raise MediaError(VOICE_OFF_TEXT)
         if model is None:
             limit = min(limit, FEISHU_SPEECH_MAX_S)
@@ -287,10 +308,11 @@ class MediaReader:
         recording = await self._download(message, voice)
         if model is not None:
             text = await self._transcribe_with_model(recording, model, message.user_id)
-        else:
-            assert self.speech is not None
+        elif speech is not None:
             pcm = await asyncio.to_thread(audio.decode_to_pcm16k, recording, max_seconds=limit)
-            text = await self.speech.recognize(pcm)
+            text = await speech.recognize(pcm)
+        else:  # refused above; said again for the type checker
+            raise MediaError(VOICE_OFF_TEXT)
         text = " ".join(text.split())
         if not text:
             raise MediaError(SILENT_VOICE_TEXT)
@@ -302,7 +324,7 @@ class MediaReader:
             return await self._llm.transcribe(
                 recording, file_name="voice.ogg", model=model, user_id=user_id
             )
-        except (AllKeysUnavailable, RequestRejected, LLMError) as exc:
+        except LLMError as exc:  # every key out, the request refused, attempts exhausted
             log.warning("voice_not_transcribed", reason=str(exc))
             raise MediaUnavailable(TRANSCRIBE_FAILED_TEXT) from None
 
@@ -320,12 +342,7 @@ class MediaReader:
                     f"{documents.describe_readable_types()}."
                 )
             data = await self._download(message, item)
-            extracted = await asyncio.to_thread(documents.extract_text, item.name, data)
-            if contains_key(extracted.text, self._secrets):
-                raise MediaError(
-                    f"{item.name} looks like it holds an API key, so I did not read it. If it "
-                    "is a real key, consider it exposed and replace it."
-                )
+            extracted = await asyncio.to_thread(self._read_file, item.name, data)
             await self._keep(message.holder, "file", item.name, "text/plain", extracted.text)
             pages = ""
             if extracted.pages is not None:
@@ -333,7 +350,7 @@ class MediaReader:
             return FILE_HOLD_TEXT.format(
                 name=item.name,
                 pages=pages,
-                tokens=estimate_tokens(extracted.text),
+                tokens=extracted.tokens,
                 minutes=minutes,
             )
         question = Question("")
@@ -341,6 +358,18 @@ class MediaReader:
         if len(question.images) == 1:
             return IMAGE_HOLD_TEXT.format(minutes=minutes)
         return IMAGES_HOLD_TEXT.format(count=len(question.images), minutes=minutes)
+
+    def _read_file(self, name: str, data: bytes) -> _ReadFile:
+        """On a worker thread: a file's text (at most :data:`MAX_HELD_CHARS`) and its tokens;
+        a file holding something key-shaped is refused."""
+        extracted = documents.extract_text(name, data)
+        text = extracted.text[:MAX_HELD_CHARS]
+        if contains_key(text, self._secrets):
+            raise MediaError(
+                f"{name} looks like it holds an API key, so I did not read it. If it is a real "
+                "key, consider it exposed and replace it."
+            )
+        return _ReadFile(text, extracted.pages, estimate_tokens(text))
 
     async def _add_images(
         self, message: MediaMessage, question: Question, *, hold: bool = False

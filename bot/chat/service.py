@@ -297,7 +297,7 @@ class ConversationService:
             quote, quote_note = await self._quote(message, text, persona, history, bound)
         budget = self._settings.max_history_tokens
         room = budget - fixed - estimate_message_tokens(text) - estimate_tokens(quote)
-        question.fit((room - question.image_tokens) // 2)  # leave room for history
+        await question.fit((room - question.image_tokens) // 2)  # leave room for history
         current, remembered = question.prompt_text, question.history_text
         if quote:
             current, remembered = with_quote(quote, current), with_quote(quote, remembered)
