@@ -8,7 +8,8 @@
 * :class:`ServerThread` runs an async server object (anything with ``start()`` / ``stop()``
   coroutines, such as ``FakeFeishu`` or ``FakeOpenAI``) on a private event loop in a daemon
   thread, so synchronous test code and subprocess-based tests can use it.
-* :func:`read_form` reads a multipart body into text fields and :class:`FormFile` parts.
+* :func:`read_form` reads a multipart body into text fields and :class:`FormFile` parts;
+  :func:`form_summary` records it without the bytes.
 
 The public classes of the fakes (``FakeFeishuThread``, ``FakeOpenAIThread``, ``Gate``, their
 ``SignalEvent``) are built on this module and re-exported by ``feishu_server`` /
@@ -349,3 +350,16 @@ async def read_form(request: web.Request) -> tuple[dict[str, str], dict[str, For
         else:
             fields[name] = bytes(value).decode("utf-8", errors="replace")
     return fields, files
+
+
+def form_summary(fields: dict[str, str], files: dict[str, FormFile]) -> dict[str, object]:
+    """A form as a JSON-friendly record: its text fields, and each file part as its
+    ``filename``, ``content_type`` and ``size`` (the bytes stay in the :class:`FormFile`)."""
+    summary: dict[str, object] = dict(fields)
+    for name, part in files.items():
+        summary[name] = {
+            "filename": part.filename,
+            "content_type": part.content_type,
+            "size": part.size,
+        }
+    return summary

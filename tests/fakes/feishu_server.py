@@ -127,6 +127,7 @@ from tests.fakes._background import (
     ServerLifecycle,
     ServerThread,
     SignalEvent,
+    form_summary,
     read_form,
     resolve_future,
 )
@@ -2106,14 +2107,7 @@ class FakeFeishu(ServerLifecycle):
             return None, files
         if request.content_type.startswith("multipart/"):
             fields, files = await read_form(request)
-            described: JSONDict = dict(fields)
-            for name, part in files.items():
-                described[name] = {
-                    "filename": part.filename,
-                    "size": part.size,
-                    "content_type": part.content_type,
-                }
-            return described, files
+            return form_summary(fields, files), files
         raw = await request.read()
         if not raw:
             return None, files

@@ -102,6 +102,7 @@ from tests.fakes._background import (
     ServerLifecycle,
     ServerThread,
     SignalEvent,
+    form_summary,
     read_form,
     wait_any,
 )
@@ -503,6 +504,14 @@ def _invalid_request(
         "code": code,
     }
     return ErrorResponse(status, {"error": error})
+
+
+#: OpenAI's answer to a body that is not JSON
+_NOT_JSON: Final = _invalid_request(
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+    "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent "
+    "was not valid JSON.)"
+)
 
 
 def not_found_page(status: int = 404) -> RawResponse:
@@ -1214,34 +1223,37 @@ class FakeOpenAI(ServerLifecycle):
         except _Aborted:
             return web.Response()
 
+    async def _admit(
+        self, request: web.Request, key: str | None, path: str, invalid: ErrorResponse | None
+    ) -> tuple[web.StreamResponse | None, Behaviour | None]:
+        """Steps 2 to 6 for an endpoint without a stream: auth, the request's own ``invalid``
+        answer, the rpm limit, then the scripted behaviour (held first, answered when it is a
+        failure). Returns the answer to send, if any, and the behaviour; raises ``_Aborted``."""
+        if key is None:
+            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR))), None
+        effective = self._effective(key)
+        if effective.invalid:
+            return self._error(invalid_api_key()), None
+        if invalid is not None:
+            return self._error(invalid), None
+        limited = self._check_rpm(key, effective.rpm_limit, path)
+        if limited is not None:
+            return self._error(limited), None
+        behaviour = self._next_behaviour(key, path, effective)
+        gate = self._take_gate(key, path)
+        return await self._scripted(request, behaviour, gate), behaviour
+
     async def _handle_transcription(self, request: web.Request) -> web.StreamResponse:
         key = self._auth(request)
         form, files = await read_form(request)
-        body: JSON = dict(form)
-        for name, part in files.items():
-            body[name] = {
-                "filename": part.filename,
-                "content_type": part.content_type,
-                "size": part.size,
-            }
+        body: JSON = form_summary(form, files)
         record = self._log(request, key, body, form=form, files=files)
-        if key is None:
-            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR)))
-        effective = self._effective(key)
-        if effective.invalid:
-            return self._error(invalid_api_key())
-        invalid = _check_transcription(record)
-        if invalid is not None:
-            return self._error(invalid)
-        limited = self._check_rpm(key, effective.rpm_limit, TRANSCRIPTIONS_PATH)
-        if limited is not None:
-            return self._error(limited)
-        behaviour = self._next_behaviour(key, TRANSCRIPTIONS_PATH, effective)
-        gate = self._take_gate(key, TRANSCRIPTIONS_PATH)
         try:
-            scripted = await self._scripted(request, behaviour, gate)
-            if scripted is not None:
-                return scripted
+            refused, behaviour = await self._admit(
+                request, key, TRANSCRIPTIONS_PATH, _check_transcription(record)
+            )
+            if refused is not None:
+                return refused
             override = behaviour if isinstance(behaviour, Reply) else Reply()
             await self._sleep(override.first_token_delay or 0.0, request)
         except _Aborted:
@@ -1277,31 +1289,12 @@ class FakeOpenAI(ServerLifecycle):
         key = self._auth(request)
         body = await self._read_json(request)
         self._log(request, key, body if body is not None else {})
-        if key is None:
-            return self._error(ErrorResponse(401, copy.deepcopy(MISSING_API_KEY_ERROR)))
-        effective = self._effective(key)
-        if effective.invalid:
-            return self._error(invalid_api_key())
-        if body is None:
-            return self._error(
-                _invalid_request(
-                    "We could not parse the JSON body of your request. (HINT: This likely means "
-                    "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
-                    "payload, but what was sent was not valid JSON.)"
-                )
-            )
-        invalid = _check_image_request(body)
-        if invalid is not None:
-            return self._error(invalid)
-        limited = self._check_rpm(key, effective.rpm_limit, IMAGES_PATH)
-        if limited is not None:
-            return self._error(limited)
-        behaviour = self._next_behaviour(key, IMAGES_PATH, effective)
-        gate = self._take_gate(key, IMAGES_PATH)
+        invalid = _NOT_JSON if body is None else _check_image_request(body)
         try:
-            scripted = await self._scripted(request, behaviour, gate)
-            if scripted is not None:
-                return scripted
+            refused, behaviour = await self._admit(request, key, IMAGES_PATH, invalid)
+            if refused is not None:
+                return refused
+            assert body is not None  # refused above as _NOT_JSON
             if isinstance(behaviour, Reply):
                 await self._sleep(behaviour.first_token_delay or 0.0, request)
         except _Aborted:
