@@ -15,7 +15,7 @@ import pytest
 
 from bot.config import parse_settings
 from bot.errors import ConfigError, StoreError
-from bot.store import InboxEntry, SentMessage, SQLiteStore, Usage, create_store
+from bot.store import HeldAttachment, InboxEntry, SentMessage, SQLiteStore, Usage, create_store
 from bot.store.sqlite import MIGRATIONS
 from tests.store_contract import FakeClock, StoreContract, turn
 
@@ -212,7 +212,7 @@ def test_factory_refuses_a_backend_this_version_lacks() -> None:
 
 
 class PruneWatcher:
-    """The store, plus an event set once the bot's housekeeping has pruned old turns."""
+    """The store, plus an event set once a round of the bot's housekeeping is done."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
@@ -222,12 +222,15 @@ class PruneWatcher:
         return getattr(self._store, name)
 
     async def prune_turns(self, older_than: float) -> int:
-        removed = await self._store.prune_turns(older_than)
+        return await self._store.prune_turns(older_than)
+
+    async def drop_held(self, before: float) -> int:
+        removed = await self._store.drop_held(before)  # the last step of a round
         self.pruned.set()
         return removed
 
 
-async def test_the_running_bot_purges_expired_dedup_marks_and_old_turns(
+async def test_the_running_bot_purges_expired_dedup_marks_old_turns_and_expired_attachments(
     store: SQLiteStore, clock: FakeClock
 ) -> None:
     from bot.feishu.runner import _housekeeping
@@ -237,11 +240,13 @@ async def test_the_running_bot_purges_expired_dedup_marks_and_old_turns(
     await store.mark_seen("msg:fresh", ttl_s=1000)
     await store.append_turn(turn("c", "user", "four months ago", clock.now - 120 * day))
     await store.append_turn(turn("c", "user", "last week", clock.now - 7 * day))
+    await store.hold_attachment(HeldAttachment("h", "image", "old", "image/png", b"o", clock.now))
     clock.advance(20)
+    await store.hold_attachment(HeldAttachment("h", "image", "new", "image/png", b"n", clock.now))
     watcher = PruneWatcher(store)
 
     housekeeping = asyncio.create_task(
-        _housekeeping(watcher, retention_days=90, every_s=3600, clock=clock)
+        _housekeeping(watcher, retention_days=90, hold_minutes=0.2, every_s=3600, clock=clock)
     )
     await watcher.pruned.wait()
     housekeeping.cancel()
@@ -251,6 +256,7 @@ async def test_the_running_bot_purges_expired_dedup_marks_and_old_turns(
     assert await store.purge_expired() == 0  # the housekeeping did it
     assert await store.is_seen("msg:fresh")
     assert [t.content for t in await store.load_turns("c")] == ["last week"]
+    assert [h.name for h in await store.held_attachments("h", since=0)] == ["new"]
 
 
 async def test_the_arrival_journal_does_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
