@@ -13,10 +13,10 @@ from lark_oapi.channel import Conversation, Identity, InboundMessage, Mention
 from lark_oapi.channel.normalize.pipeline import InboundPipeline, PipelineConfig, PipelineDeps
 from lark_oapi.event.dispatcher_handler import EventDispatcherHandler
 
+from bot.chat.media import MediaRef
 from bot.feishu.messages import (
     FeishuMessage,
     InboxPayloadError,
-    MediaItem,
     conversation_key,
     from_inbound,
     strip_bot_mention,
@@ -145,15 +145,15 @@ def test_a_recorded_group_reply_maps_to_its_thread_through_the_channel() -> None
 def test_an_image_a_file_and_a_voice_message_carry_their_resource_keys() -> None:
     image = mapped(sample("p2p_image"))
     assert (image.kind, image.text) == ("image", "")
-    assert image.media == (MediaItem("image", "img_v3_02ab_0d6d1a3b-1f2e-4c8b-a1f0-123456789abg"),)
+    assert image.media == (MediaRef("image", "img_v3_02ab_0d6d1a3b-1f2e-4c8b-a1f0-123456789abg"),)
     document = mapped(sample("p2p_file"))
     assert document.kind == "file"
-    assert document.media == (MediaItem("file", "file_v3_00ab", name="report.pdf"),)
+    assert document.media == (MediaRef("file", "file_v3_00ab", name="report.pdf"),)
     voice = sample("p2p_file")
     voice["event"]["message"]["message_type"] = "audio"
     voice["event"]["message"]["content"] = '{"file_key": "file_v3_voice", "duration": 4200}'
     assert mapped(voice).kind == "voice"
-    assert mapped(voice).media == (MediaItem("audio", "file_v3_voice", duration_ms=4200),)
+    assert mapped(voice).media == (MediaRef("audio", "file_v3_voice", duration_ms=4200),)
 
 
 def test_other_media_are_marked_unsupported_and_described() -> None:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bot.chat.access import REFUSAL_TEXT
-from bot.chat.media import MediaRef
 from bot.chat.replies import Reply, ReplyFailed, ReplyFinished
 from bot.chat.service import ConversationService, IncomingMessage
 from bot.config import Settings
@@ -202,10 +201,7 @@ class Answerer:
                 user_ids=message.sender_ids[1:],
                 quoted_message_id=message.parent_id,
                 quoted_is_root=message.quotes_thread_root,
-                media=tuple(
-                    MediaRef(item.kind, item.key, item.name, item.duration_ms)
-                    for item in message.media
-                ),
+                media=message.media,
             )
         )
         job = _Job(

@@ -2,11 +2,11 @@
 
 Nothing deeper touches the SDK's types. The mapping decides the conversation (p2p: the user;
 group: the thread), strips the bot's @mention from the text, and tells text, voice messages,
-images and files (carried as :class:`MediaItem` resource keys, read later by the service) from
-what the bot cannot read. A post keeps its text and its images: the image and video markup the
-SDK renders into its text (``![image](img_…)``, ``[media:file_…]``) would mean nothing to the
-model, so it is dropped and the images travel as media; a post of images only is an image
-message, one of videos only is not read.
+images and files (carried as :class:`bot.chat.media.MediaRef` resource keys, read later by
+the service) from what the bot cannot read. A post keeps its text and its images: the image
+and video markup the SDK renders into its text (``![image](img_…)``, ``[media:file_…]``)
+would mean nothing to the model, so it is dropped and the images travel as media; a post of
+images only is an image message, one of videos only is not read.
 
 What the channel hands over is not trusted to be well formed: every field is read defensively
 and every string is made valid Unicode (a lone surrogate, which JSON's ``"\\ud800"`` decodes to,
@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from bot.chat.media import MediaRef
+
 MessageKind = Literal["text", "voice", "image", "file", "unsupported"]
-MediaKind = Literal["image", "file", "audio"]
 
 #: Message types whose text the bot reads; the media types below are read by the service.
 READABLE_TYPES = frozenset({"text", "post"})
@@ -58,34 +59,6 @@ class InboxPayloadError(ValueError):
 
 
 @dataclass(frozen=True)
-class MediaItem:
-    """A voice message, image or file a message carries, by its Feishu resource key.
-
-    ``name`` is a file's name; ``duration_ms`` a voice message's length as Feishu reports it.
-    """
-
-    kind: MediaKind
-    key: str
-    name: str = ""
-    duration_ms: int = 0
-
-    @classmethod
-    def from_json(cls, data: Any) -> MediaItem:
-        """Read one back from an inbox payload; raise :class:`InboxPayloadError`."""
-        if not isinstance(data, dict):
-            raise InboxPayloadError(f"media: expected an object, got {_json_type(data)}")
-        kind = _field(data, "kind", str)
-        if kind not in ("image", "file", "audio"):
-            raise InboxPayloadError(f"media kind: unknown {kind[:40]!r}")
-        return cls(
-            kind=kind,
-            key=_field(data, "key", str),
-            name=_field(data, "name", str, default=""),
-            duration_ms=_field(data, "duration_ms", int, default=0),
-        )
-
-
-@dataclass(frozen=True)
 class FeishuMessage:
     """An inbound Feishu message, reduced to what the bot needs. Serialisable for the inbox.
 
@@ -111,7 +84,7 @@ class FeishuMessage:
     parent_id: str = ""
     root_id: str = ""
     #: the voice message, images or file it carries (a post may hold text and images)
-    media: tuple[MediaItem, ...] = ()
+    media: tuple[MediaRef, ...] = ()
 
     @property
     def sender_ids(self) -> tuple[str, ...]:
@@ -178,8 +151,23 @@ class FeishuMessage:
             sender_user_id=_field(data, "sender_user_id", str, default=""),
             parent_id=_field(data, "parent_id", str, default=""),
             root_id=_field(data, "root_id", str, default=""),
-            media=tuple(MediaItem.from_json(item) for item in media),
+            media=tuple(_media_from_json(item) for item in media),
         )
+
+
+def _media_from_json(data: Any) -> MediaRef:
+    """One media item of an inbox payload; raise :class:`InboxPayloadError`."""
+    if not isinstance(data, dict):
+        raise InboxPayloadError(f"media: expected an object, got {_json_type(data)}")
+    kind = _field(data, "kind", str)
+    if kind not in ("image", "file", "audio"):
+        raise InboxPayloadError(f"media kind: unknown {kind[:40]!r}")
+    return MediaRef(
+        kind=kind,
+        key=_field(data, "key", str),
+        name=_field(data, "name", str, default=""),
+        duration_ms=_field(data, "duration_ms", int, default=0),
+    )
 
 
 _MISSING: Any = object()
@@ -239,7 +227,7 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
     sender = _str(getattr(identity, "open_id", ""))
     kind: MessageKind = "text" if message_type in READABLE_TYPES else "unsupported"
     text, held = "", ""
-    media: tuple[MediaItem, ...] = ()
+    media: tuple[MediaRef, ...] = ()
     if kind == "text":
         text, held = _readable_text(inbound, message_type)
         text = strip_bot_mention(text, getattr(inbound, "mentions", None), bot_open_id)
@@ -272,16 +260,16 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
     )
 
 
-def _media_of(inbound: Any, message_type: str) -> tuple[MediaItem, ...]:
+def _media_of(inbound: Any, message_type: str) -> tuple[MediaRef, ...]:
     """What the channel's resource descriptors say the message carries: a post's images, an
     image, a file or a voice message (never stickers or videos); each key once."""
     wanted = {"post": "image", "image": "image", "file": "file", "audio": "audio"}[message_type]
-    items: dict[str, MediaItem] = {}
+    items: dict[str, MediaRef] = {}
     for resource in _list(getattr(inbound, "resources", None)):
         key = _str(getattr(resource, "file_key", ""))
         if _str(getattr(resource, "type", "")) != wanted or not key or key in items:
             continue
-        items[key] = MediaItem(
+        items[key] = MediaRef(
             kind=wanted,  # type: ignore[arg-type]
             key=key,
             name=_str(getattr(resource, "file_name", "")),
