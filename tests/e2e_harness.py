@@ -133,13 +133,15 @@ class World:
     def llm(self) -> FakeOpenAI:
         return self.openai.fake
 
-    def start_bot(self, *, connections: int | None = None) -> BotProcess:
+    def start_bot(self) -> BotProcess:
         """Start the bot and wait until it is connected and ready."""
-        before = len(self.fs.open_connections())
+        # Counted as made, not as open: a bot killed just before may still look connected
+        # until the fake notices the dropped socket.
+        made = len(self.fs.connections)
         bot = BotProcess(self.workdir, self.settings_path).start()
         self.bots.append(bot)
         bot.wait_for_event("bot_ready")
-        self.fs.wait_for_connections_blocking(connections or before + 1, timeout=20)
+        self.fs.wait_for_connections_blocking(1, timeout=20, after=made)
         return bot
 
     def send(self, sample: str = "p2p_text", **kwargs: Any) -> str:
