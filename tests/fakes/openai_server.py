@@ -1145,9 +1145,7 @@ class FakeOpenAI(ServerLifecycle):
         if effective.invalid:
             return self._error(invalid_api_key())
         try:
-            behaviour = self._next_behaviour(key, MODELS_PATH, effective)
-            gate = self._take_gate(key, MODELS_PATH)
-            scripted = await self._scripted(request, behaviour, gate)
+            scripted, _ = await self._script(request, key, MODELS_PATH, effective)
             if scripted is not None:
                 return scripted
         except _Aborted:
@@ -1239,6 +1237,13 @@ class FakeOpenAI(ServerLifecycle):
         limited = self._check_rpm(key, effective.rpm_limit, path)
         if limited is not None:
             return self._error(limited), None
+        return await self._script(request, key, path, effective)
+
+    async def _script(
+        self, request: web.Request, key: str | None, path: str, effective: _Effective | None
+    ) -> tuple[web.StreamResponse | None, Behaviour | None]:
+        """Steps 4 to 6 for an endpoint without a stream: pick the behaviour, hold on a gate,
+        answer a scripted failure. Returns that answer, if any, and the behaviour."""
         behaviour = self._next_behaviour(key, path, effective)
         gate = self._take_gate(key, path)
         return await self._scripted(request, behaviour, gate), behaviour
@@ -1349,9 +1354,7 @@ class FakeOpenAI(ServerLifecycle):
         key = self._auth(request)
         self._log(request, key, {})
         try:
-            behaviour = self._next_behaviour(key, FILES_PATH, None)
-            gate = self._take_gate(key, FILES_PATH)
-            scripted = await self._scripted(request, behaviour, gate)
+            scripted, _ = await self._script(request, key, FILES_PATH, None)
             if scripted is not None:
                 return scripted
         except _Aborted:
