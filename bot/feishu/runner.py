@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from bot import signals
+from bot import runtime, signals
 from bot.app import Core, build_core
 from bot.config import Settings
 from bot.errors import FeishuConnectError, StoreError
@@ -80,6 +80,7 @@ async def _serve(
                 keep_keys_checked(core.pool, core.check_key, settings.keys.health_check_minutes)
             )
             await gateway.resume_inbox()
+            runtime.tune_for_serving()
             log.info("bot_ready", model=settings.llm.model)
             await stop.wait()
             log.info("bot_stopping")

@@ -69,7 +69,9 @@ class RawChunkStream:
 
 
 #: the packages whose exceptions mean "the connection failed", whichever HTTP client the SDK uses
-_TRANSPORT_PACKAGES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "anyio", "h11"})
+_TRANSPORT_PACKAGES = frozenset(
+    {"httpx", "httpx2", "httpcore", "httpcore2", "anyio", "h11", "aiohttp"}
+)
 
 
 def _transport_failure(exc: Exception, request: Any) -> openai.APIError | None:
