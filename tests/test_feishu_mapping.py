@@ -156,6 +156,17 @@ def test_an_image_a_file_and_a_voice_message_carry_their_resource_keys() -> None
     assert mapped(voice).media == (MediaRef("audio", "file_v3_voice", duration_ms=4200),)
 
 
+@pytest.mark.parametrize(
+    "content", ['{"image_key": [null]}', '{"image_key": {"a": 1}}', '{"image_key": "../../x"}']
+)
+def test_an_image_whose_key_feishu_could_not_have_issued_is_unsupported(content: str) -> None:
+    event = sample("p2p_image")
+    event["event"]["message"]["content"] = content
+    image = mapped(event)
+    assert (image.kind, image.media) == ("unsupported", ())
+    assert image.describe_type()
+
+
 def test_other_media_are_marked_unsupported_and_described() -> None:
     sticker = mapped(sample("p2p_sticker"))
     assert (sticker.kind, sticker.media) == ("unsupported", ())

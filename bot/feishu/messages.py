@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from bot.chat.media import MediaRef
 
@@ -260,6 +260,10 @@ def from_inbound(inbound: Any, bot_open_id: str | None) -> FeishuMessage:
     )
 
 
+_MEDIA_KEY: Final = re.compile(r"[A-Za-z0-9_-]{1,256}")
+"""What Feishu's image and file keys are made of; a key is also a URL path segment."""
+
+
 def _media_of(inbound: Any, message_type: str) -> tuple[MediaRef, ...]:
     """What the channel's resource descriptors say the message carries: a post's images, an
     image, a file or a voice message (never stickers or videos); each key once."""
@@ -267,8 +271,10 @@ def _media_of(inbound: Any, message_type: str) -> tuple[MediaRef, ...]:
     items: dict[str, MediaRef] = {}
     for resource in _list(getattr(inbound, "resources", None)):
         key = _str(getattr(resource, "file_key", ""))
-        if _str(getattr(resource, "type", "")) != wanted or not key or key in items:
+        if _str(getattr(resource, "type", "")) != wanted or key in items:
             continue
+        if not _MEDIA_KEY.fullmatch(key):
+            continue  # not a key Feishu issued (the SDK stringifies whatever the content held)
         items[key] = MediaRef(
             kind=wanted,  # type: ignore[arg-type]
             key=key,

@@ -40,6 +40,12 @@ and run ``tests/test_token_keeper.py``.
   ``self._on_p2_im_message_receive_v1``, so an instance attribute set before ``start()`` wraps it
   (:func:`hook_message_events`). ``_handle_message_event`` is the coroutine it schedules on the
   channel's background loop; :func:`replay_message_event` feeds it a journaled event again.
+* **The dispatcher's entry** (``lark_oapi/event/dispatcher_handler.py``): the WebSocket client
+  hands every event frame's payload (bytes, the ``{"schema", "header", "event"}`` envelope)
+  to ``EventDispatcherHandler._do_without_validation``, which parses it and calls the
+  processor on the same thread; :func:`hook_message_events` wraps it on the built dispatcher
+  to journal those bytes instead of re-serialising the typed event. Re-check: the method's
+  name, that the WebSocket client still calls it, and that the processor runs synchronously.
   Re-check: both names, that ``start()`` still calls ``_build_dispatcher()``, and that
   ``lark_oapi.core.json.JSON`` still round-trips ``P2ImMessageReceiveV1``.
 * **The dispatcher's processor map** (``lark_oapi/event/dispatcher_handler.py``): the channel
@@ -60,6 +66,7 @@ import concurrent.futures
 import importlib.metadata
 import logging
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -198,24 +205,47 @@ def hook_message_events(channel: Any, hook: Callable[[str, str], None]) -> None:
     """Call ``hook(message_id, event_json)`` for every ``im.message.receive_v1`` event, on the
     WebSocket thread, before the channel schedules it and the SDK acknowledges it.
 
-    Call before the channel starts. The hook must be quick (it delays the ACK) and must not
-    raise; the event goes on to the channel whatever it does.
+    ``event_json`` is the payload exactly as Feishu sent it (the dispatcher's input, kept aside
+    while it parses), so journaling costs no re-serialisation; an event that reaches the
+    channel some other way is serialised from its typed form. Call before the channel starts.
+    The hook must be quick (it delays the ACK) and must not raise; the event goes on to the
+    channel whatever it does.
     """
     from lark_oapi.core.json import JSON
 
     original = channel._on_p2_im_message_receive_v1
+    arriving = threading.local()  # the payload the dispatcher is parsing on this thread
 
     def journaled(data: Any) -> None:
         message = getattr(getattr(data, "event", None), "message", None)
         message_id = getattr(message, "message_id", None)
         if message_id:
             try:
-                hook(str(message_id), JSON.marshal(data) or "")
+                raw: bytes | None = getattr(arriving, "payload", None)
+                event = raw.decode("utf-8") if raw is not None else JSON.marshal(data) or ""
+                hook(str(message_id), event)
             except Exception as exc:  # never let the journal stop an event
                 log.error("arrival_not_journaled", message_id=message_id, error=repr(exc))
         original(data)
 
     channel._on_p2_im_message_receive_v1 = journaled
+    build_dispatcher = channel._build_dispatcher
+
+    def build() -> Any:
+        dispatcher = build_dispatcher()
+        dispatch = dispatcher._do_without_validation
+
+        def keeping_payload(payload: bytes) -> Any:
+            arriving.payload = payload
+            try:
+                return dispatch(payload)
+            finally:
+                arriving.payload = None
+
+        dispatcher._do_without_validation = keeping_payload
+        return dispatcher
+
+    channel._build_dispatcher = build
 
 
 P2P_CHAT_ENTERED: Final = "im.chat.access_event.bot_p2p_chat_entered_v1"
