@@ -4,7 +4,7 @@ lark-oapi offers no public way to hand it a tenant access token that every clien
 process will use, nor to read when its cached token expires. The bot needs both to fetch the
 token off the event loop (see :mod:`bot.feishu.token_keeper`), so it reaches into the SDK here,
 and only here. Each access below says why it exists; on an SDK upgrade re-read the files named
-and run ``tests/test_token_keeper.py``.
+and run ``tests/test_token_keeper.py`` and ``tests/test_sdk_compat_journal.py``.
 
 * **The token cache** (``lark_oapi/core/token/manager.py``): ``TokenManager.cache`` is a class
   attribute shared by every client of the process (``ClientBuilder.cache()`` replaces it for
@@ -40,14 +40,14 @@ and run ``tests/test_token_keeper.py``.
   ``self._on_p2_im_message_receive_v1``, so an instance attribute set before ``start()`` wraps it
   (:func:`hook_message_events`). ``_handle_message_event`` is the coroutine it schedules on the
   channel's background loop; :func:`replay_message_event` feeds it a journaled event again.
+  Re-check: both names, that ``start()`` still calls ``_build_dispatcher()``, and that
+  ``lark_oapi.core.json.JSON`` still round-trips ``P2ImMessageReceiveV1``.
 * **The dispatcher's entry** (``lark_oapi/event/dispatcher_handler.py``): the WebSocket client
   hands every event frame's payload (bytes, the ``{"schema", "header", "event"}`` envelope)
   to ``EventDispatcherHandler._do_without_validation``, which parses it and calls the
   processor on the same thread; :func:`hook_message_events` wraps it on the built dispatcher
   to journal those bytes instead of re-serialising the typed event. Re-check: the method's
   name, that the WebSocket client still calls it, and that the processor runs synchronously.
-  Re-check: both names, that ``start()`` still calls ``_build_dispatcher()``, and that
-  ``lark_oapi.core.json.JSON`` still round-trips ``P2ImMessageReceiveV1``.
 * **The dispatcher's processor map** (``lark_oapi/event/dispatcher_handler.py``): the channel
   registers no handler for ``im.chat.access_event.bot_p2p_chat_entered_v1``, and an event
   without one is answered with an error. :func:`handle_p2p_chat_entered` wraps the channel's
