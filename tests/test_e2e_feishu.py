@@ -69,6 +69,15 @@ def test_an_answer_too_long_for_one_card_continues_in_a_follow_up_card(world: Wo
     assert "".join(parts) == answer
 
 
+def test_the_long_connection_is_made_without_compression(world: World) -> None:
+    world.start_bot()
+    (connection,) = world.fs.open_connections()
+    offered = {name.lower(): value for name, value in connection.headers.items()}
+    assert "sec-websocket-extensions" not in offered  # no permessage-deflate per frame
+    message = world.send("p2p_text", text="plain frames")
+    assert world.wait_for_final_reply(message) == "echo: plain frames"
+
+
 def test_multi_turn_context_is_kept_across_messages(world: World) -> None:
     world.start_bot()
     first = world.send("p2p_text", text="my name is Ada", sender_open_id=USER_A)

@@ -217,6 +217,7 @@ class FeishuGateway:
         from lark_oapi.core.enum import LogLevel
 
         self._ws_loop = sdk_compat.give_ws_client_its_own_loop()
+        sdk_compat.connect_without_compression()
         adopt_sdk_logger()
         self._http = http_pool.install()
         feishu = self._settings.feishu

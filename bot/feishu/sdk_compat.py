@@ -30,6 +30,10 @@ and run ``tests/test_token_keeper.py`` and ``tests/test_sdk_compat_journal.py``.
   it; :func:`give_ws_client_its_own_loop` assigns a fresh one before the channel starts, so it
   can never be the bot's loop. Re-check: the module-level ``loop`` name and its use in
   ``start()``.
+* **The connection options** (same file): ``_ws_connect_kwargs`` builds the keyword arguments
+  of every ``websockets.connect``; :func:`connect_without_compression` wraps it to add
+  ``compression=None``. Re-check: the function's name and that ``_connect`` (which the
+  reconnect path goes through) is still its only caller.
 * **The reconnect flag** (same file): ``Client._auto_reconnect`` is read after every dropped
   connection, and the channel's stop drops the connection on purpose;
   :func:`disable_auto_reconnect` clears it first so a stopping bot does not reconnect.
@@ -193,6 +197,28 @@ def give_ws_client_its_own_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     ws_client_module.loop = loop
     return loop
+
+
+def connect_without_compression() -> None:
+    """Make the SDK's WebSocket client connect without offering ``permessage-deflate``.
+
+    Event frames are a few hundred bytes of protobuf on a long-lived connection; deflating
+    every ACK and inflating every event costs the WebSocket thread CPU before each ACK, and
+    that thread shares the GIL with the bot's loop. Idempotent.
+    """
+    import lark_oapi.ws.client as ws_client_module
+
+    connect_kwargs = ws_client_module._ws_connect_kwargs
+    if getattr(connect_kwargs, "_without_compression", False):
+        return
+
+    def uncompressed(connection_headers: Any = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = connect_kwargs(connection_headers)
+        kwargs["compression"] = None
+        return kwargs
+
+    uncompressed._without_compression = True  # type: ignore[attr-defined]
+    ws_client_module._ws_connect_kwargs = uncompressed
 
 
 def disable_auto_reconnect(ws_client: Any) -> None:
