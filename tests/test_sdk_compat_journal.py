@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,18 @@ from bot.feishu import sdk_compat
 SAMPLES = Path(__file__).parent / "fakes" / "samples"
 
 
-def _hooked_channel() -> tuple[Any, list[tuple[str, str]], list[Any]]:
+def _hooked_channel(
+    hook: Callable[[str, str], None] | None = None,
+) -> tuple[Any, list[tuple[str, str]], list[Any]]:
+    """A channel whose message events are hooked (by default into the returned journal list)."""
     channel = FeishuChannel(app_id="cli_test", app_secret="secret", domain="http://127.0.0.1:9")
     journaled: list[tuple[str, str]] = []
     passed_on: list[Any] = []
     # Stands in for the channel's own handler, which would schedule the event on its loop.
     channel._on_p2_im_message_receive_v1 = passed_on.append  # type: ignore[attr-defined]
-    sdk_compat.hook_message_events(channel, lambda mid, event: journaled.append((mid, event)))
+    sdk_compat.hook_message_events(
+        channel, hook or (lambda message_id, event: journaled.append((message_id, event)))
+    )
     return channel, journaled, passed_on
 
 
@@ -66,14 +72,10 @@ def test_an_event_delivered_without_the_dispatcher_is_journaled_from_its_typed_f
 
 
 def test_a_failing_journal_does_not_stop_the_event() -> None:
-    channel = FeishuChannel(app_id="cli_test", app_secret="secret", domain="http://127.0.0.1:9")
-    passed_on: list[Any] = []
-    channel._on_p2_im_message_receive_v1 = passed_on.append  # type: ignore[attr-defined]
-
     def broken(message_id: str, event: str) -> None:
         raise OSError("disk full")
 
-    sdk_compat.hook_message_events(channel, broken)
+    channel, _, passed_on = _hooked_channel(broken)
     channel._build_dispatcher()._do_without_validation((SAMPLES / "p2p_text.json").read_bytes())
 
     assert len(passed_on) == 1
