@@ -1,5 +1,6 @@
-"""Raw SSE reading of a streamed completion: the real openai SDK sends the request to the fake
-server, which answers with hand-written event streams; the chunks come back as dicts."""
+"""Raw SSE reading of a streamed completion: the real openai SDK sends the request (its
+low-level ``post``) to the fake server, which answers with hand-written event streams; the
+chunks come back as dicts."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import openai
 import pytest
 
 from bot.llm.events import TokenUsage
-from bot.llm.sse import Chunk, RawChunkStream, parse_chunk
+from bot.llm.sse import Chunk, open_chat_stream, parse_chunk
 from tests.fakes.openai_server import FakeOpenAI, RawResponse, ResetAfter
 
 KEY = "sk-test-sse-000000000000000000000000000001"
+CLIENT_KEY = "sk-test-sse-client-wide-00000000000000000002"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
 @pytest.fixture
@@ -23,13 +26,10 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
-async def read(fake: FakeOpenAI) -> list[Chunk]:
-    client = openai.AsyncOpenAI(base_url=fake.base_url, api_key=KEY, max_retries=0)
+async def read(fake: FakeOpenAI, body: dict[str, Any] = BODY) -> list[Chunk]:
+    client = openai.AsyncOpenAI(base_url=fake.base_url, api_key=CLIENT_KEY, max_retries=0)
     try:
-        manager = client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        stream = await RawChunkStream(manager).open()
+        stream = await open_chat_stream(client, body, api_key=KEY)
         try:
             return [chunk async for chunk in stream]
         finally:
@@ -57,6 +57,17 @@ async def test_the_fakes_own_stream_reads_as_text_usage_and_finish_reason(
     parsed = [parse_chunk(chunk) for chunk in chunks]
     assert "".join(text for text, _, _ in parsed) == "Hello there, streamed."
     assert any(reason == "stop" for _, _, reason in parsed)
+
+
+async def test_the_request_carries_its_own_key_and_the_body_as_given(fake: FakeOpenAI) -> None:
+    body = {**BODY, "temperature": 0.5, "stream_options": {"include_usage": True}}
+    body["messages"] = [{"role": "user", "content": "non-ASCII: 你好 ✓"}]
+    await read(fake, body)
+    [request] = fake.requests
+    assert request.path == "/v1/chat/completions"
+    assert request.key == KEY  # not the client-wide key
+    assert request.body == body
+    assert request.headers["Content-Type"] == "application/json"
 
 
 async def test_comments_other_fields_and_multi_line_data_are_handled(fake: FakeOpenAI) -> None:
@@ -109,6 +120,17 @@ async def test_an_error_status_is_raised_by_the_sdk_before_any_chunk(fake: FakeO
     fake.enqueue(RawResponse(status=401, text='{"error": {"message": "bad key"}}'))
     with pytest.raises(openai.AuthenticationError):
         await read(fake)
+
+
+async def test_a_refused_connection_is_the_sdks_connection_error() -> None:
+    async with FakeOpenAI() as server:
+        base_url = server.base_url  # nothing listens there once the fake has stopped
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=CLIENT_KEY, max_retries=0)
+    try:
+        with pytest.raises(openai.APIConnectionError):
+            await open_chat_stream(client, BODY, api_key=KEY)
+    finally:
+        await client.close()
 
 
 async def test_a_connection_cut_mid_stream_is_a_connection_error(fake: FakeOpenAI) -> None:

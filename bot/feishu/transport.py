@@ -15,13 +15,13 @@ Feishu's codes decide the retry and fallback rules, as they did through the SDK.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 
 from bot import __version__
 
@@ -139,7 +139,6 @@ class AiohttpTransport:
                 connector=connector,
                 timeout=self._timeout,
                 headers={"User-Agent": f"feishu-gpt-bot/{__version__}"},
-                json_serialize=lambda value: json.dumps(value, ensure_ascii=False),
             )
         return self._session
 
@@ -165,7 +164,12 @@ class AiohttpTransport:
     ) -> RawAnswer:
         """Send the request; see :class:`Transport`."""
         headers = {"Authorization": await self._bearer()}
-        payload: dict[str, Any] = {"json": body} if upload is None else {"data": _form(upload)}
+        payload: dict[str, Any] = {}
+        if upload is not None:
+            payload["data"] = _form(upload)
+        elif body is not None:  # orjson: several times cheaper than aiohttp's json.dumps
+            payload["data"] = orjson.dumps(body)
+            headers["Content-Type"] = "application/json; charset=utf-8"
         try:
             async with self._open().request(
                 method,

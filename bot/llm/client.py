@@ -1,14 +1,16 @@
 """Streaming chat completions from any OpenAI-compatible endpoint, with retries across keys.
 
-One ``openai.AsyncOpenAI`` (``max_retries=0``: retries are ours) serves every key through
-``with_options(api_key=…)``, which shares its connection pool. ``tenacity`` retries the part of a
-request that comes *before* the first token: lease a key, send, read until text arrives. Each
-failure is classified (:mod:`bot.llm.classifier`): a rate-limited key cools and the next attempt
-starts at once on another key; a dead key is disabled, likewise; a 5xx, timeout or connection error
-backs off with jitter; a rejected request (400/422) is not retried. Once text has reached the
-caller the request is never retried on another key: a broken stream ends with
-:class:`ReplyInterrupted`, and the failure still counts against the key as classified (an error
-event saying ``insufficient_quota`` mid-answer disables the key, a rate-limit event cools it).
+One ``openai.AsyncOpenAI`` (``max_retries=0``: retries are ours) serves every key: a chat
+request carries its leased key in its own ``Authorization`` header (:mod:`bot.llm.sse`), the
+media calls go through ``with_options(api_key=…)``, which shares the connection pool.
+``tenacity`` retries the part of a request that comes *before* the first token: lease a key,
+send, read until text arrives. Each failure is classified (:mod:`bot.llm.classifier`): a
+rate-limited key cools and the next attempt starts at once on another key; a dead key is
+disabled, likewise; a 5xx, timeout or connection error backs off with jitter; a rejected request
+(400/422) is not retried. Once text has reached the caller the request is never retried on
+another key: a broken stream ends with :class:`ReplyInterrupted`, and the failure still counts
+against the key as classified (an error event saying ``insufficient_quota`` mid-answer disables
+the key, a rate-limit event cools it).
 
 Every attempt that got a key ends in exactly one :data:`CallOutcome`, reported to ``on_call``
 (the metrics count it): ``ok`` when its answer ended normally, else the failure's class.
@@ -49,7 +51,7 @@ from bot.llm.events import (
     bridge,
 )
 from bot.llm.keypool import KeyPool, Lease
-from bot.llm.sse import Chunk, RawChunkStream, parse_chunk
+from bot.llm.sse import Chunk, RawChunkStream, open_chat_stream, parse_chunk
 from bot.logging import get_logger
 from bot.timing import Sleep
 
@@ -260,14 +262,12 @@ class LLMClient:
             emit(WaitingForKey(seconds))
 
         lease = await self._pool.acquire(user_id, on_wait=on_wait)
-        stream: Any = None
+        stream: RawChunkStream | None = None
         try:
-            options: dict[str, Any] = {}
+            body = {**request, "stream": True}
             if self.include_usage:
-                options["stream_options"] = {"include_usage": True}
-            completions = self._client.with_options(api_key=lease.secret).chat.completions
-            manager = completions.with_streaming_response.create(**request, **options, stream=True)
-            stream = await RawChunkStream(manager).open()
+                body["stream_options"] = {"include_usage": True}
+            stream = await open_chat_stream(self._client, body, api_key=lease.secret)
             return await self._read_until_text(lease, stream)
         except BaseException as exc:
             if stream is not None:
@@ -278,7 +278,7 @@ class LLMClient:
                 raise await self._penalize(lease, exc) from None
             raise
 
-    async def _read_until_text(self, lease: Lease, stream: Any) -> _OpenStream:
+    async def _read_until_text(self, lease: Lease, stream: RawChunkStream) -> _OpenStream:
         opened = _OpenStream(lease, stream, stream.__aiter__())
         async for chunk in opened.chunks:
             opened.first_text = opened.absorb(chunk)

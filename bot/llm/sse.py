@@ -1,13 +1,16 @@
 """A streamed chat completion read as raw server-sent events, without a model object per chunk.
 
-The ``openai`` SDK builds a pydantic ``ChatCompletionChunk`` for every chunk of a stream; with a
-few hundred answers streaming at once that is a large share of the bot's CPU (``bench/``). The
-request still goes through the SDK (``with_streaming_response``: auth, base URL, timeouts, and
-the SDK's own status errors that the key pool classifies); only the body is read here, line by
-line, and each ``data:`` event decoded with ``orjson`` into a plain dict. An error the provider
-sends inside the stream (``{"error": {…}}``) is raised as the same ``openai.APIError`` the SDK
-would raise, and broken or slow connections as ``openai.APITimeoutError`` /
-``openai.APIConnectionError``, so the classification of failures does not change.
+The ``openai`` SDK builds a pydantic ``ChatCompletionChunk`` for every chunk of a stream, and
+``chat.completions.create`` walks its typed parameters once more before sending; with a few
+hundred answers streaming at once both are a large share of the bot's CPU (``bench/``). The
+request still goes through the SDK, by its documented low-level ``AsyncOpenAI.post`` (auth
+headers, base URL, timeouts, and the SDK's own status errors that the key pool classifies):
+:func:`open_chat_stream` sends a body already serialised with ``orjson`` and keeps the
+response unread. The body is read here, line by line, and each ``data:`` event decoded with
+``orjson`` into a plain dict. An error the provider sends inside the stream (``{"error": {…}}``)
+is raised as the same ``openai.APIError`` the SDK would raise, and broken or slow connections
+as ``openai.APITimeoutError`` / ``openai.APIConnectionError``, so the classification of
+failures does not change.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import httpx2
 import openai
 import orjson
 
@@ -23,29 +27,44 @@ from bot.llm.events import TokenUsage
 Chunk = Mapping[str, Any]
 
 
+async def open_chat_stream(
+    client: openai.AsyncOpenAI, body: Mapping[str, Any], *, api_key: str
+) -> RawChunkStream:
+    """Send a streaming ``chat/completions`` request with ``api_key``; raises the SDK's errors
+    for an error status, a timeout or a failed connection.
+
+    The key goes in the request's own ``Authorization`` header, which the SDK keeps over its
+    client-wide one, so one client serves every key without a copy per request.
+    """
+    response = await client.post(
+        "/chat/completions",
+        cast_to=httpx2.Response,  # the SDK hands back its HTTP response, body unread
+        content=orjson.dumps(body),
+        options={"headers": {"Authorization": f"Bearer {api_key}"}},
+        stream=True,
+    )
+    return RawChunkStream(response)
+
+
 class RawChunkStream:
-    """The chunks of one streaming request, as dicts; ``close()`` releases the connection."""
+    """The chunks of one streaming response, as dicts; ``close()`` releases the connection."""
 
-    def __init__(self, manager: Any) -> None:
-        self._manager = manager  # the SDK's async streaming-response context manager
-        self._response: Any = None
-
-    async def open(self) -> RawChunkStream:
-        """Send the request; raises the SDK's errors for an error status."""
-        self._response = await self._manager.__aenter__()
-        return self
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response: httpx2.Response | None = response
 
     async def close(self) -> None:
         """Close the response (an unfinished stream is cut)."""
         if self._response is not None:
-            self._response = None
-            await self._manager.__aexit__(None, None, None)
+            response, self._response = self._response, None
+            await response.aclose()
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[Chunk]:
-        http: Any = self._response.http_response  # the SDK's httpx (or httpx2) response
+        http = self._response
+        if http is None:
+            return
         data: list[str] = []
         try:
             async for line in http.aiter_lines():
