@@ -225,10 +225,10 @@ class SQLiteStore:
         self._cipher = cipher
         self._executor: ThreadPoolExecutor | None = None
         self._journal: sqlite3.Connection | None = None  # the arrival journal's own connection
-        # Reads run on a thread and connection of their own (WAL lets them read while the
-        # store thread writes), so the writes of a burst of answers do not queue behind them.
-        self._reader: ThreadPoolExecutor | None = None
-        self._reader_connection: sqlite3.Connection | None = None
+        # Reads run on the thread that asks, each thread with a connection of its own (WAL lets
+        # them read while the store thread writes): see _run_read.
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._on_reader = threading.local()
         self._journal_lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
@@ -250,16 +250,10 @@ class SQLiteStore:
             self._executor.shutdown(wait=True)
             self._executor = None
             raise
-        self._reader = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="sqlite-read", initializer=self._start_reader
-        )
 
     async def close(self) -> None:
-        """Close the connections and stop the store's threads."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await asyncio.get_running_loop().run_in_executor(reader, self._close_reader)
-            reader.shutdown(wait=True)
+        """Close the connections and stop the store's thread."""
+        self._close_readers()
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -379,20 +373,29 @@ class SQLiteStore:
             self._connection.close()
             self._connection = None
 
-    def _start_reader(self) -> None:
-        self._on_reader.active = True
-
-    def _close_reader(self) -> None:
-        if self._reader_connection is not None:
-            self._reader_connection.close()
-            self._reader_connection = None
+    def _close_readers(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for connection in readers:
+            connection.close()
 
     async def _run_read(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a function that only reads, on the reader thread (its ``_db()`` reads there)."""
-        if self._reader is None:
+        """Run a function that only reads, here on the calling thread (its ``_db()`` is this
+        thread's reading connection).
+
+        Every read is an indexed lookup of a few rows, tens of microseconds, and in WAL mode a
+        reader never waits for a writer. Sent to a thread instead, a read cost three hand-overs
+        of the GIL to and from a busy event loop: at 200 concurrent answers, with four reads
+        before each question reaches the model, those queued for about a second
+        (``bench/concurrency.py``).
+        """
+        if self._executor is None:
             raise StoreError("the store is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, function, *args)
+        self._on_reader.active = True
+        try:
+            return function(*args)
+        finally:
+            self._on_reader.active = False
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
@@ -408,18 +411,21 @@ class SQLiteStore:
         return self._connection
 
     def _reader_db(self) -> sqlite3.Connection:
-        """The reader thread's connection, opened on first use."""
-        if self._reader_connection is None:
-            try:
-                connection = sqlite3.connect(
-                    self.path, isolation_level=None, check_same_thread=False
-                )
-                connection.row_factory = sqlite3.Row
-                connection.execute("PRAGMA busy_timeout=5000")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot read the SQLite store at {self.path}: {exc}") from None
-            self._reader_connection = connection
-        return self._reader_connection
+        """The calling thread's reading connection, opened on first use."""
+        connection: sqlite3.Connection | None = getattr(self._on_reader, "connection", None)
+        if connection is not None and connection in self._readers:
+            return connection
+        try:
+            # check_same_thread=False only so that close() may close it from another thread
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the SQLite store at {self.path}: {exc}") from None
+        with self._readers_lock:
+            self._readers.append(connection)
+        self._on_reader.connection = connection
+        return connection
 
     def _write(self, sql: str, parameters: tuple[Any, ...] = ()) -> int:
         cursor = self._db().execute(sql, parameters)
