@@ -20,6 +20,7 @@ import pytest
 from bot.chat.replies import AnswerInfo, ReplyDelta, ReplyEvent, ReplyFailed, ReplyFinished
 from bot.feishu.api import FeishuApi
 from bot.feishu.replier import (
+    APOLOGY,
     CUT_SHORT_NOTE,
     MOVED_NOTE,
     SUPERSEDED_NOTE,
@@ -309,6 +310,37 @@ async def test_a_cut_short_answer_closes_its_card_with_a_note(setup: Setup) -> N
     result = await asyncio.wait_for(streaming, 10)
     assert result.outcome == "cut_short"
     assert setup.card_text(target) == "half of it\n\n" + CUT_SHORT_NOTE
+
+
+async def test_a_stop_set_before_the_answer_starts_cuts_it_short(setup: Setup) -> None:
+    stop = asyncio.Event()
+    stop.set()
+    target = setup.user_message()
+    result = await setup.stream(target, Feed().events(), stop=stop)  # no event ever comes
+    assert result.outcome == "cut_short"
+    assert setup.card_text(target).endswith(CUT_SHORT_NOTE)
+
+
+async def test_a_timeout_raised_by_the_events_is_a_failure_not_a_stop(setup: Setup) -> None:
+    async def timing_out() -> AsyncIterator[ReplyEvent]:
+        yield ReplyDelta("so far")
+        raise TimeoutError("from deep inside")
+
+    target = setup.user_message()
+    result = await setup.stream(target, timing_out(), stop=asyncio.Event())
+    assert result.outcome == "failed"
+    assert setup.card_text(target) == APOLOGY
+
+
+async def test_cancelling_the_answer_is_not_taken_for_a_stop(setup: Setup) -> None:
+    feed = Feed()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events(), stop=asyncio.Event()))
+    feed.put(ReplyDelta("half of it"))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    streaming.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await streaming
 
 
 async def test_a_resumed_answer_is_written_into_the_same_card(setup: Setup) -> None:

@@ -231,8 +231,8 @@ class CardReplier:
 
         state = _AnswerState(prefix, self._limit, signature=signature, started=started)
         async with asyncio.TaskGroup() as group:
-            group.create_task(_consume(events, state, stop))
             presenting = group.create_task(self._present(target, state, record, persist))
+            await _consume(events, state, stop)  # here: the question goes out before the card
         result = presenting.result()
         result.text = state.full_text()
         result.outcome = state.outcome
@@ -752,7 +752,14 @@ def _split(text: str, limit_bytes: int) -> list[str]:
 async def _consume(
     events: AsyncIterator[ReplyEvent], state: _AnswerState, stop: asyncio.Event | None
 ) -> None:
-    """Feed events into ``state`` until they end or ``stop`` is set; always finish the state."""
+    """Feed events into ``state`` until they end or ``stop`` is set; always finish the state.
+
+    It runs in the caller's task, so the question is on its way to the model before anything
+    else of the answer gets a turn of the loop (a task per step cost a turn each, and at 200
+    concurrent answers a turn of the loop takes up to a few hundred milliseconds). ``stop``
+    cuts it short through an ``asyncio.timeout`` made to expire at once, which cancels just the
+    feeding and tells that cancellation apart from any other.
+    """
 
     async def feed() -> None:
         async for event in events:
@@ -762,15 +769,26 @@ async def _consume(
         if stop is None:
             await feed()
             return
-        async with asyncio.TaskGroup() as group:
-            feeding = group.create_task(feed())
-            stopping = group.create_task(stop.wait())
-            await asyncio.wait({feeding, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not feeding.done():
-                feeding.cancel()
-                state.cut_short()
-                log.warning("reply_cut_short", chars=len(state.answer))
-            stopping.cancel()
+        try:
+            async with asyncio.timeout(None) as deadline:
+                feeding = True
+
+                def expire(_: object) -> None:
+                    if feeding:
+                        deadline.reschedule(0)  # a time already past: expire now
+
+                stopping = asyncio.ensure_future(stop.wait())
+                stopping.add_done_callback(expire)
+                try:
+                    await feed()
+                finally:
+                    feeding = False
+                    stopping.cancel()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            state.cut_short()
+            log.warning("reply_cut_short", chars=len(state.answer))
     except Exception as exc:  # a bug upstream must still end the card, politely
         log.error("reply_events_failed", error=f"{type(exc).__name__}: {exc}")
         state.fail(APOLOGY)
