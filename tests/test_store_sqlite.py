@@ -259,6 +259,50 @@ async def test_the_running_bot_purges_expired_dedup_marks_old_turns_and_expired_
     assert [h.name for h in await store.held_attachments("h", since=0)] == ["new"]
 
 
+async def test_reads_do_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "bot.db")
+    await store.open()
+    await store.append_turn(turn("c", "user", "hello"))
+    busy, release = threading.Event(), threading.Event()
+
+    def hold_the_store_thread() -> None:
+        busy.set()
+        release.wait(10)
+
+    assert store._executor is not None
+    held = store._executor.submit(hold_the_store_thread)
+    try:
+        assert busy.wait(5)
+        # The store thread is busy (as under a burst of answers): a read still answers.
+        assert [t.content for t in await asyncio.wait_for(store.load_turns("c"), 5)] == ["hello"]
+    finally:
+        release.set()
+        held.result(5)
+    await store.close()
+
+
+async def test_each_thread_reads_with_its_own_connection_and_close_closes_them_all(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "bot.db")
+    await store.open()
+    await store.append_turn(turn("c", "user", "hello"))
+
+    def read_on_another_thread() -> list[str]:
+        return [t.content for t in asyncio.run(store.load_turns("c"))]
+
+    assert await asyncio.to_thread(read_on_another_thread) == ["hello"]
+    assert [t.content for t in await store.load_turns("c")] == ["hello"]
+    readers = list(store._readers)
+    assert len(readers) == 2  # one per thread that read
+    await store.close()
+    for connection in readers:
+        with pytest.raises(sqlite3.ProgrammingError):  # closed
+            connection.execute("SELECT 1")
+    with pytest.raises(StoreError, match="not open"):
+        await store.load_turns("c")
+
+
 async def test_the_arrival_journal_does_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "bot.db")
     await store.open()
