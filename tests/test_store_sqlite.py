@@ -7,7 +7,7 @@ import contextlib
 import sqlite3
 import stat
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,25 +259,31 @@ async def test_the_running_bot_purges_expired_dedup_marks_old_turns_and_expired_
     assert [h.name for h in await store.held_attachments("h", since=0)] == ["new"]
 
 
-async def test_reads_do_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "bot.db")
-    await store.open()
-    await store.append_turn(turn("c", "user", "hello"))
+@contextlib.contextmanager
+def holding_the_store_thread(store: SQLiteStore) -> Iterator[None]:
+    """Keep the store's write thread busy for the duration of the block."""
     busy, release = threading.Event(), threading.Event()
 
-    def hold_the_store_thread() -> None:
+    def hold() -> None:
         busy.set()
         release.wait(10)
 
     assert store._executor is not None
-    held = store._executor.submit(hold_the_store_thread)
+    held = store._executor.submit(hold)
     try:
         assert busy.wait(5)
-        # The store thread is busy (as under a burst of answers): a read still answers.
-        assert [t.content for t in await asyncio.wait_for(store.load_turns("c"), 5)] == ["hello"]
+        yield
     finally:
         release.set()
         held.result(5)
+
+
+async def test_reads_do_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "bot.db")
+    await store.open()
+    await store.append_turn(turn("c", "user", "hello"))
+    with holding_the_store_thread(store):  # busy, as under a burst of answers
+        assert [t.content for t in await asyncio.wait_for(store.load_turns("c"), 5)] == ["hello"]
     await store.close()
 
 
@@ -306,22 +312,8 @@ async def test_each_thread_reads_with_its_own_connection_and_close_closes_them_a
 async def test_the_arrival_journal_does_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "bot.db")
     await store.open()
-    busy = threading.Event()
-    release = threading.Event()
-
-    def hold_the_store_thread() -> None:
-        busy.set()
-        release.wait(10)
-
-    assert store._executor is not None
-    held = store._executor.submit(hold_the_store_thread)
-    try:
-        assert busy.wait(5)
-        # The store thread is busy (as under a burst of answers): the journal still writes.
+    with holding_the_store_thread(store):  # busy, as under a burst of answers
         assert store.record_arrival("om_1", '{"event": 1}', 1.0, timeout_s=2)
-    finally:
-        release.set()
-        held.result(5)
     assert await store.arrivals() == [("om_1", '{"event": 1}')]
     await store.close()
     assert not store.record_arrival("om_2", "{}", 2.0, timeout_s=1)  # closed: nothing reopens

@@ -1,9 +1,12 @@
 """The embedded SQLite store (the default): one file, WAL mode, mode 0600, versioned schema.
 
-All database work runs on one dedicated thread that owns the connection, so coroutines from any
-event loop (the bot's, or the Feishu SDK's own) await it without blocking and writes never
-interleave. The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it
-(a migration, once released, is never edited: changes go into a new one).
+Writes run on one dedicated thread that owns the writing connection, so coroutines from any
+event loop (the bot's, or the Feishu SDK's own) await them without blocking and writes never
+interleave. Reads run on the thread that asks, with that thread's own connection (see
+:meth:`SQLiteStore._run_read`); the arrival journal is a file of its own, written on the SDK's
+WebSocket thread (:meth:`SQLiteStore.record_arrival`). The schema version lives in
+``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it (a migration, once released, is never
+edited: changes go into a new one).
 
 Writes that belong together (accepting a message, recording a delivered answer, setting an inbox
 row aside, pruning old turns with the sent messages of their time) run in one ``BEGIN IMMEDIATE``
