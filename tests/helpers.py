@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from bot.store import SQLiteStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOT_COMMAND = [sys.executable, "-m", "bot"]
@@ -51,3 +58,22 @@ def write_settings(path: Path, settings: dict[str, object]) -> Path:
     """Write a settings mapping as YAML and return the path."""
     path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def holding_the_store_thread(store: SQLiteStore) -> Iterator[None]:
+    """Keep the store's write thread busy for the duration of the block."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        release.wait(10)
+
+    assert store._executor is not None
+    held = store._executor.submit(hold)
+    try:
+        assert busy.wait(5)
+        yield
+    finally:
+        release.set()
+        held.result(5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat.replies import ReplyDelta
+from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFinished
 from bot.llm.keypool import key_id_of
 from bot.logging import configure_logging
 from tests.chat_harness import KEY_A, KEY_B, ChatHarness, FakeTime, collect, make_settings
@@ -24,6 +24,7 @@ from tests.fakes.openai_server import (
     rate_limit_exceeded,
     server_error,
 )
+from tests.helpers import holding_the_store_thread
 
 
 @pytest.fixture
@@ -73,6 +74,29 @@ async def test_answer_streams_in_pieces_and_finishes_with_the_whole_text(
     assert answer.finished is not None
     assert answer.finished.text == answer.streamed
     assert answer.finished.exchange.usage is not None
+
+
+async def test_the_answer_ends_before_the_key_pool_has_saved_its_count(
+    one_key_bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    fake.default.reply = "Hello there."
+    reply = one_key_bot.service.handle(one_key_bot.message("hi"))
+    events: list[ReplyEvent] = []
+
+    async def until_finished() -> None:
+        async for event in reply:
+            events.append(event)
+            if isinstance(event, ReplyFinished):
+                return
+
+    with holding_the_store_thread(one_key_bot.store):  # every write waits, as under a burst
+        await asyncio.wait_for(until_finished(), 5)  # the answer does not wait for the count
+    await collect(reply)  # the rest of the reply: the count is saved meanwhile
+    assert "".join(e.text for e in events if isinstance(e, ReplyDelta)) == "Hello there."
+    (view,) = one_key_bot.pool.keys()
+    assert view.requests == 1
+    stored = {k.key_id: k for k in await one_key_bot.store.load_keys()}
+    assert stored[key_id_of(KEY_A)].requests == 1
 
 
 async def test_multi_turn_history_reaches_the_llm_in_order(

@@ -397,6 +397,51 @@ async def test_a_broken_event_source_still_closes_the_card_politely(setup: Setup
     assert setup.card_text(target).startswith("Sorry, something went wrong")
 
 
+async def test_the_card_is_closed_with_the_answer_before_the_events_end(setup: Setup) -> None:
+    feed = Feed()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events()))
+    feed.put(ReplyDelta("The answer."))
+    feed.put(ReplyFinished("The answer."))  # its source still has bookkeeping to do
+    await setup.fs.wait_for_calls("card_settings", 1, timeout=10)
+    assert setup.card_text(target) == "The answer."
+    assert not streaming.done()
+    feed.put(None)
+    result = await asyncio.wait_for(streaming, 10)
+    assert result.outcome == "complete"
+    assert result.text == "The answer."
+
+
+async def test_a_failure_after_the_last_event_leaves_the_answer_as_it_is(setup: Setup) -> None:
+    async def failing_afterwards() -> AsyncIterator[ReplyEvent]:
+        yield ReplyDelta("The answer.")
+        yield ReplyFinished("The answer.")
+        raise RuntimeError("the bookkeeping after the answer broke")
+
+    target = setup.user_message()
+    result = await setup.stream(target, failing_afterwards())
+    assert result.outcome == "complete"
+    assert setup.card_text(target) == "The answer."
+
+
+async def test_a_stop_after_the_last_event_cuts_nothing_short(setup: Setup) -> None:
+    stop = asyncio.Event()
+
+    async def ending_after_the_stop() -> AsyncIterator[ReplyEvent]:
+        yield ReplyFinished("The answer.")
+        await stop.wait()
+        for _ in range(5):  # let the replier see the stop before the events end
+            await asyncio.sleep(0)
+
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, ending_after_the_stop(), stop=stop))
+    await setup.fs.wait_for_calls("card_settings", 1, timeout=10)
+    stop.set()
+    result = await asyncio.wait_for(streaming, 10)
+    assert result.outcome == "complete"
+    assert setup.card_text(target) == "The answer."
+
+
 def test_moved_note_is_what_a_card_says_when_its_text_went_elsewhere() -> None:
     assert "separate message" in MOVED_NOTE
 

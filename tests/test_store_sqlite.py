@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import stat
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from bot.config import parse_settings
 from bot.errors import ConfigError, StoreError
 from bot.store import HeldAttachment, InboxEntry, SentMessage, SQLiteStore, Usage, create_store
 from bot.store.sqlite import MIGRATIONS
+from tests.helpers import holding_the_store_thread
 from tests.store_contract import FakeClock, StoreContract, turn
 
 
@@ -257,25 +257,6 @@ async def test_the_running_bot_purges_expired_dedup_marks_old_turns_and_expired_
     assert await store.is_seen("msg:fresh")
     assert [t.content for t in await store.load_turns("c")] == ["last week"]
     assert [h.name for h in await store.held_attachments("h", since=0)] == ["new"]
-
-
-@contextlib.contextmanager
-def holding_the_store_thread(store: SQLiteStore) -> Iterator[None]:
-    """Keep the store's write thread busy for the duration of the block."""
-    busy, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        busy.set()
-        release.wait(10)
-
-    assert store._executor is not None
-    held = store._executor.submit(hold)
-    try:
-        assert busy.wait(5)
-        yield
-    finally:
-        release.set()
-        held.result(5)
 
 
 async def test_reads_do_not_wait_behind_the_store_thread(tmp_path: Path) -> None:

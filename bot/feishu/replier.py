@@ -393,8 +393,11 @@ class CardReplier:
                         wait = max(wait, exc.retry_after or 1.0)
                         paused_until = loop.time() + wait
                     log.info("card_update_skipped", code=exc.code, pause_s=wait)
+            # asyncio.timeout, not wait_for: no task in between, so the end of the answer
+            # reaches the card one turn of the loop later instead of three.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.finished.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await state.finished.wait()
             state.changed.set()  # look again: more text may have come meanwhile
 
     async def _finish(
@@ -649,7 +652,7 @@ class _AnswerState:
         self.finished = asyncio.Event()
 
     def finish(self) -> None:
-        """No more events will come."""
+        """The answer is complete: nothing more will change what the card shows."""
         self.finished.set()
         self.changed.set()
 
@@ -670,8 +673,10 @@ class _AnswerState:
                     lines.append(self.signature(event.info))
             self.footer = "\n".join(f"_{line}_" for line in lines if line)
             self.outcome = "complete" if event.complete else "interrupted"
+            self.finish()  # the last event: the card takes it now, not after the bookkeeping
         elif isinstance(event, ReplyFailed):
             self.fail(event.message)
+            self.finish()
         self.changed.set()
 
     def fail(self, message: str) -> None:
@@ -754,6 +759,11 @@ async def _consume(
 ) -> None:
     """Feed events into ``state`` until they end or ``stop`` is set; always finish the state.
 
+    The state is finished by the last event (:class:`ReplyFinished` or :class:`ReplyFailed`), so
+    the card shows the whole answer while the events' source still does its bookkeeping (the
+    key pool's count of the request): a stop or a failure after that event changes nothing the
+    user sees.
+
     It runs in the caller's task, so the question is on its way to the model before anything
     else of the answer gets a turn of the loop (a task per step cost a turn each, and at 200
     concurrent answers a turn of the loop takes up to a few hundred milliseconds). ``stop``
@@ -774,7 +784,7 @@ async def _consume(
                 feeding = True
 
                 def expire(_: object) -> None:
-                    if feeding:
+                    if feeding and not state.finished.is_set():
                         deadline.reschedule(0)  # a time already past: expire now
 
                 stopping = asyncio.ensure_future(stop.wait())
@@ -787,10 +797,14 @@ async def _consume(
         except TimeoutError:
             if not deadline.expired():
                 raise
-            state.cut_short()
-            log.warning("reply_cut_short", chars=len(state.answer))
-    except Exception as exc:  # a bug upstream must still end the card, politely
-        log.error("reply_events_failed", error=f"{type(exc).__name__}: {exc}")
-        state.fail(APOLOGY)
+            if not state.finished.is_set():  # a stop after the last event cuts nothing short
+                state.cut_short()
+                log.warning("reply_cut_short", chars=len(state.answer))
+    except Exception as exc:
+        if state.finished.is_set():  # the answer is whole: only what followed it failed
+            log.error("reply_events_failed_after_answer", error=f"{type(exc).__name__}: {exc}")
+        else:  # a bug upstream must still end the card, politely
+            log.error("reply_events_failed", error=f"{type(exc).__name__}: {exc}")
+            state.fail(APOLOGY)
     finally:
         state.finish()

@@ -369,8 +369,8 @@ class LLMClient:
                 await opened.stream.close()
             lease.release()
         self._report(lease, "ok")
-        await self._pool.report_success(lease.key_id)
         emit(Completed(usage=opened.usage, key_id=lease.key_id, finish_reason=opened.finish_reason))
+        await self._pool.report_success(lease.key_id)
 
 
 #: seconds an image may take to draw at the least (drawing is slower than answering)
