@@ -46,6 +46,7 @@ ANSWER_ENDPOINTS = frozenset(
         "message_reply",
         "card_element_content",
         "card_settings",
+        "card_batch_update",
         "card_update",
         "message_patch",
         "message_create",
@@ -132,8 +133,16 @@ def _card_of_reply(call: RestCall) -> str | None:
 
 def _closes_card(call: RestCall) -> bool:
     body = call.json if isinstance(call.json, dict) else {}
-    settings = json.loads(body.get("settings") or "{}")
-    return (settings.get("config") or {}).get("streaming_mode") is False
+    if call.endpoint == "card_batch_update":
+        actions = json.loads(body.get("actions") or "[]")
+        settings = [
+            a["params"].get("settings") or {}
+            for a in actions
+            if a.get("action") == "partial_update_setting"
+        ]
+    else:
+        settings = [json.loads(body.get("settings") or "{}")]
+    return any((each.get("config") or {}).get("streaming_mode") is False for each in settings)
 
 
 def _ok(call: RestCall) -> bool:
@@ -184,7 +193,8 @@ class CompletionWatch:
                 self._done.add(self._replied_cards[card_id])
 
 
-_COMPLETING = frozenset({"message_reply", "card_settings"})
+_CLOSING = frozenset({"card_settings", "card_batch_update"})
+_COMPLETING = frozenset({"message_reply", *_CLOSING})
 
 
 def _questions(tag: str, n: int) -> list[str]:
@@ -318,7 +328,7 @@ def _read_card(
     sample.final_text = complete[0].time if complete else None
     streaming = updates[: updates.index(complete[0])] if complete else updates
     sample.gaps = [b.time - a.time for a, b in itertools.pairwise(streaming)]
-    closing = [c.finished_at for c in calls if c.endpoint == "card_settings" and _ok(c)]
+    closing = [c.finished_at for c in calls if c.endpoint in _CLOSING and _ok(c)]
     sample.done = max((t for t in closing if t is not None), default=None)
 
 

@@ -57,7 +57,7 @@ ANSWER_WORDS = (
 
 #: Feishu's documented limits per app: (calls, window seconds), for each answer-path API
 APP_LIMITS: dict[str, tuple[tuple[int, float], ...]] = dict.fromkeys(
-    ("card_create", "card_element_content", "card_settings", "message_reply"),
+    ("card_create", "card_element_content", "card_settings", "card_batch_update", "message_reply"),
     ((50, 1.0), (1000, 60.0)),
 )
 #: Feishu's documented limit per card entity for the card and element APIs

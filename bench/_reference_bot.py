@@ -11,7 +11,7 @@ machine, the loopback sockets and the fakes:
 * **Per message** (the bot's calls, in the bot's order): create a CardKit card ("Thinking…") and
   reply with it, while the LLM request (raw SSE over aiohttp, no ``openai`` SDK) runs; put the
   element content at most once per ``--update-ms`` (start to start, one call in flight per card)
-  while text comes; then the final text, then streaming mode off via the card settings.
+  while text comes; then the final text and streaming mode off, in one batch update.
 * **Connections**: one kept-alive aiohttp pool for Feishu REST and one for the LLM, unlimited in
   size, on one event loop (no threads).
 
@@ -274,8 +274,7 @@ class ReferenceBot:
             with contextlib.suppress(FeishuError):  # best effort, like the bot's
                 await self.set_card_text(card_id, text, sequence, retry=False)
                 shown = text
-        await self.set_card_text(card_id, answer.text, sequence + 1)
-        await self.set_card_streaming(card_id, False, sequence + 2)
+        await self.end_card(card_id, answer.text, sequence + 1)
 
     # ---- the LLM -----------------------------------------------------------------------------
 
@@ -339,12 +338,20 @@ class ReferenceBot:
         body = {"content": text, "sequence": sequence}
         await self._call("card_text", "PUT", path, body, retry=retry)
 
-    async def set_card_streaming(self, card_id: str, streaming: bool, sequence: int) -> None:
-        settings = json.dumps({"config": {"streaming_mode": streaming}})
-        path = f"/open-apis/cardkit/v1/cards/{card_id}/settings"
-        await self._call(
-            "card_settings", "PATCH", path, {"settings": settings, "sequence": sequence}
-        )
+    async def end_card(self, card_id: str, text: str, sequence: int) -> None:
+        actions = [
+            {
+                "action": "partial_update_element",
+                "params": {"element_id": ELEMENT_ID, "partial_element": {"content": text}},
+            },
+            {
+                "action": "partial_update_setting",
+                "params": {"settings": {"config": {"streaming_mode": False}}},
+            },
+        ]
+        path = f"/open-apis/cardkit/v1/cards/{card_id}/batch_update"
+        body = {"actions": json.dumps(actions, ensure_ascii=False), "sequence": sequence}
+        await self._call("card_end", "POST", path, body)
 
     async def _call(
         self, what: str, method: str, path: str, body: dict[str, Any], *, retry: bool = True

@@ -160,6 +160,7 @@ def test_a_reply_feishu_refuses_for_good_does_not_block_the_next_message(world: 
 
 
 def test_failed_final_card_updates_send_the_answer_as_a_message(world: World) -> None:
+    world.fs.fail("card_batch_update", 230099, "card content failed", times=None)
     world.fs.fail("card_element_content", 230099, "card content failed", times=None)
     bot = world.start_bot()
     message = world.send("p2p_text", text="the end matters", sender_open_id=USER_A)

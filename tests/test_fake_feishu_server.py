@@ -22,6 +22,8 @@ import httpx
 import lark_oapi as lark
 import pytest
 from lark_oapi.api.cardkit.v1 import (
+    BatchUpdateCardRequest,
+    BatchUpdateCardRequestBody,
     ContentCardElementRequest,
     ContentCardElementRequestBody,
     CreateCardRequest,
@@ -726,6 +728,70 @@ async def test_cardkit_rejects_a_sequence_that_does_not_increase() -> None:
         assert (await asyncio.to_thread(update, "c", 2)).code == 0
         assert fs.card(card_id).sequences == [1, 2]
         assert fs.card_text(card_id) == "c"
+
+
+async def test_cardkit_batch_update_applies_its_actions_in_order_or_not_at_all() -> None:
+    async with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}", card_size_limit=512) as fs:
+        client = _sdk_client(fs)
+        spec = {
+            "schema": "2.0",
+            "config": {"streaming_mode": True},
+            "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "..."}]},
+        }
+        created = await asyncio.to_thread(
+            client.cardkit.v1.card.create,
+            CreateCardRequest.builder()
+            .request_body(
+                CreateCardRequestBody.builder().type("card_json").data(json.dumps(spec)).build()
+            )
+            .build(),
+        )
+        card_id = created.data.card_id
+
+        def batch(actions: list[dict[str, Any]], sequence: int) -> lark.BaseResponse:
+            request = (
+                BatchUpdateCardRequest.builder()
+                .card_id(card_id)
+                .request_body(
+                    BatchUpdateCardRequestBody.builder()
+                    .actions(json.dumps(actions))
+                    .sequence(sequence)
+                    .build()
+                )
+                .build()
+            )
+            return client.cardkit.v1.card.batch_update(request)
+
+        text = {
+            "action": "partial_update_element",
+            "params": {"element_id": "md", "partial_element": {"content": "Done."}},
+        }
+        close = {
+            "action": "partial_update_setting",
+            "params": {"settings": {"config": {"streaming_mode": False}}},
+        }
+        unknown = {"action": "rotate_card", "params": {}}
+        too_large = {
+            "action": "partial_update_element",
+            "params": {"element_id": "md", "partial_element": {"content": "x" * 513}},
+        }
+        for refused, code in (([text, unknown], 99992402), ([close, too_large], 230025)):
+            answer = await asyncio.to_thread(batch, refused, 1)
+            assert answer.code == code
+            card = fs.card(card_id)
+            assert (card.closed, card.text, card.updates) == (False, "...", [])  # nothing applied
+
+        assert (await asyncio.to_thread(batch, [text, close], 1)).code == 0
+        card = fs.card(card_id)
+        assert (card.closed, card.text) == (True, "Done.")
+        assert [(u.kind, u.sequence, u.batch) for u in card.updates] == [
+            ("content", 1, True),
+            ("settings", None, True),
+        ]
+        assert card.content_updates[-1].content == "Done."
+        assert card.settings == [{"config": {"streaming_mode": False}}]
+        stale = await asyncio.to_thread(batch, [text], 1)
+        assert stale.code == 300317  # one operation, one sequence
 
 
 # --------------------------------------------------------------------------------------------

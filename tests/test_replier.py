@@ -146,6 +146,70 @@ async def test_an_answer_streams_into_one_cardkit_card_that_ends_closed(setup: S
     assert [c.message_id for c in record.cards] == [reply.message_id]
 
 
+async def test_the_final_text_and_the_end_of_streaming_go_in_one_call(setup: Setup) -> None:
+    target = setup.user_message()
+    await setup.stream(target, answer("All ", "in one."))
+    card = setup.fs.card(setup.fs.replies_to(target.message_id)[0].card_id or "")
+    assert card.closed
+    assert setup.fs.calls_to("card_settings") == []
+    (end,) = setup.fs.calls_to("card_batch_update")
+    *streamed, final, close = card.updates
+    assert (final.kind, final.content, final.batch) == ("content", "All in one.", True)
+    assert (close.kind, close.batch, close.sequence) == ("settings", True, None)
+    assert final.sequence is not None
+    assert all(u.sequence is not None and u.sequence < final.sequence for u in streamed)
+    assert end.status == 200
+
+
+async def test_a_refused_batch_update_ends_cards_with_two_calls_from_then_on(
+    setup: Setup,
+) -> None:
+    logs = io.StringIO()
+    configure_logging(level="info", json=True, stream=logs)
+    setup.fs.fail("card_batch_update", 99992402, "field validation failed", times=None)
+    first, second = setup.user_message(), setup.user_message()
+    await setup.stream(first, answer("First ", "answer."))
+    await setup.stream(second, answer("Second ", "answer."))
+    configure_logging(level="warning", stream=io.StringIO())
+    said = [json.loads(line)["event"] for line in logs.getvalue().splitlines()]
+    assert said.count("card_batch_update_unavailable") == 1
+    for target, text in ((first, "First answer."), (second, "Second answer.")):
+        (reply,) = setup.fs.replies_to(target.message_id)  # no follow-up message
+        card = setup.fs.card(reply.card_id or "")
+        assert card.closed
+        assert card.text == text
+    assert len(setup.fs.calls_to("card_batch_update")) == 1  # not tried again
+    assert len(setup.fs.calls_to("card_settings")) == 2
+
+
+async def test_a_batch_update_refused_for_its_card_alone_is_used_again(setup: Setup) -> None:
+    setup.fs.fail("card_batch_update", 230099, "card content failed", times=1)
+    setup.fs.fail("card_element_content", 230099, "card content failed", times=None)
+    moved, next_one = setup.user_message(), setup.user_message()
+    await setup.stream(moved, answer("Moved ", "to a message."))
+    await setup.stream(next_one, answer("Seen."))
+    # The two calls failed as the batch did: the refusal was about that card, not the call.
+    assert setup.fs.reply_texts(moved.message_id)[-1] == "Moved to a message."
+    assert len(setup.fs.calls_to("card_batch_update")) == 3  # end, the moved note, next end
+    card = setup.fs.card(setup.fs.replies_to(next_one.message_id)[0].card_id or "")
+    assert card.closed
+    assert card.text == "Seen."
+
+
+async def test_a_5xx_on_the_final_batch_update_is_retried_into_the_same_card(
+    setup: Setup,
+) -> None:
+    setup.fs.fail("card_batch_update", 1, "internal error", http_status=500, times=1)
+    target = setup.user_message()
+    result = await setup.stream(target, answer("Retried ", "once."))
+    assert result.undelivered == ""
+    (reply,) = setup.fs.replies_to(target.message_id)
+    card = setup.fs.card(reply.card_id or "")
+    assert (card.closed, card.text) == (True, "Retried once.")
+    assert [c.status for c in setup.fs.calls_to("card_batch_update")] == [500, 200]
+    assert setup.fs.calls_to("card_settings") == []
+
+
 async def test_a_model_answer_cannot_mention_everyone(setup: Setup) -> None:
     target = setup.user_message()
     await setup.stream(target, answer('Hi <at id=all></at> and <at user_id="all">all</at>!'))
@@ -235,6 +299,7 @@ async def test_send_text_retries_a_blip_and_is_idempotent(setup: Setup) -> None:
 
 
 async def test_when_the_final_update_fails_the_answer_follows_as_a_message(setup: Setup) -> None:
+    setup.fs.fail("card_batch_update", 230099, "card content failed", times=None)
     setup.fs.fail("card_element_content", 230099, "card content failed", times=None)
     target = setup.user_message()
     result = await setup.stream(target, answer("The end ", "must arrive."))
@@ -247,6 +312,7 @@ async def test_when_the_final_update_fails_the_answer_follows_as_a_message(setup
 
 
 async def test_a_card_that_cannot_be_closed_still_counts_as_delivered(setup: Setup) -> None:
+    setup.fs.fail("card_batch_update", 99992402, "field validation failed", times=None)
     setup.fs.fail("card_settings", 1, "internal error", http_status=500, times=None)
     target = setup.user_message()
     result = await setup.stream(target, answer("Shown ", "in full."))
@@ -403,7 +469,7 @@ async def test_the_card_is_closed_with_the_answer_before_the_events_end(setup: S
     streaming = asyncio.create_task(setup.stream(target, feed.events()))
     feed.put(ReplyDelta("The answer."))
     feed.put(ReplyFinished("The answer."))  # its source still has bookkeeping to do
-    await setup.fs.wait_for_calls("card_settings", 1, timeout=10)
+    await setup.fs.wait_for_calls("card_batch_update", 1, timeout=10)
     assert setup.card_text(target) == "The answer."
     assert not streaming.done()
     feed.put(None)
@@ -435,7 +501,7 @@ async def test_a_stop_after_the_last_event_cuts_nothing_short(setup: Setup) -> N
 
     target = setup.user_message()
     streaming = asyncio.create_task(setup.stream(target, ending_after_the_stop(), stop=stop))
-    await setup.fs.wait_for_calls("card_settings", 1, timeout=10)
+    await setup.fs.wait_for_calls("card_batch_update", 1, timeout=10)
     stop.set()
     result = await asyncio.wait_for(streaming, 10)
     assert result.outcome == "complete"

@@ -239,6 +239,30 @@ class FeishuApi:
             body={"settings": settings, "sequence": sequence},
         )
 
+    async def end_card(self, card_id: str, element_id: str, text: str, sequence: int) -> None:
+        """In one call, put ``text`` in a card's markdown element and switch streaming mode off.
+
+        CardKit's batch update applies its actions in order and as one sequenced operation, so
+        the final text and the end of streaming land together or not at all.
+        """
+        actions = [
+            {
+                "action": "partial_update_element",
+                "params": {"element_id": element_id, "partial_element": {"content": text}},
+            },
+            {
+                "action": "partial_update_setting",
+                "params": {"settings": {"config": {"streaming_mode": False}}},
+            },
+        ]
+        await self.call(
+            "card_end",
+            "POST",
+            "/open-apis/cardkit/v1/cards/:card_id/batch_update",
+            paths={"card_id": card_id},
+            body={"actions": _json_text(actions), "sequence": sequence},
+        )
+
     async def patch_card_message(
         self, message_id: str, card: Mapping[str, Any], *, retry: bool = True
     ) -> None:

@@ -4,7 +4,8 @@ Three ways to show an answer, tried in this order (a way Feishu refuses for a mi
 remembered for the life of the process, with one warning naming the scope):
 
 1. ``cardkit``: a CardKit card entity sent as the reply; its markdown element is updated with the
-   whole text so far (strictly increasing ``sequence``), then streaming mode is switched off.
+   whole text so far (strictly increasing ``sequence``), and one batch update puts the final text
+   and switches streaming mode off (two calls where Feishu refuses the batch update).
 2. ``patch``: a plain ``interactive`` card sent as the reply and replaced with
    ``PATCH im/v1/messages/:id`` (Feishu allows about two per second).
 3. ``text``: no card; once the answer is complete it is sent as text replies.
@@ -202,6 +203,7 @@ class CardReplier:
         self._metrics = metrics or Metrics()
         self._unavailable: set[ReplyMode] = set()
         self._sequences: dict[str, int] = {}  # card id -> last sequence used in this process
+        self._one_call_end = OneCallEnd()
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -363,6 +365,7 @@ class CardReplier:
                 index,
                 clock=self._clock,
                 sequences=self._sequences,
+                one_call_end=self._one_call_end,
             )
         interval = max(self._interval, PATCH_MIN_INTERVAL_S)
         return _PatchCard(self._api, target, sent, save, interval, index)
@@ -483,6 +486,41 @@ class _SentCardBase:
         return self._sent.message_id
 
 
+class OneCallEnd:
+    """Whether a CardKit card's final text and the end of its streaming go in one call.
+
+    They do (``batch_update``) until Feishu refuses that call with a final error and the two
+    separate calls then work: from then on, for the life of the process, cards end with the two
+    calls (one warning). A refusal the two calls share (the card is gone, the text too large)
+    changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._refusal: FeishuApiError | None = None
+        self._confirmed = False
+
+    def refused(self, exc: FeishuApiError) -> None:
+        """The batch update was refused with ``exc``; the caller tries the two calls next."""
+        if not self._confirmed:
+            self._refusal = exc
+
+    def confirm_usable(self) -> None:
+        """A batch update worked: a later refusal is about its card, not the call."""
+        self._confirmed = True
+        self._refusal = None
+
+    def confirm_refused(self) -> None:
+        """The two calls worked where the batch update was refused: use them from now on."""
+        if self._refusal is not None and self.usable:
+            self.usable = False
+            log.warning(
+                "card_batch_update_unavailable",
+                error=str(self._refusal),
+                hint="cards now end with two calls (final text, then streaming off)",
+            )
+
+
 class _CardKitCard(_SentCardBase):
     """A CardKit card entity sent by reference.
 
@@ -502,10 +540,12 @@ class _CardKitCard(_SentCardBase):
         *,
         clock: Clock,
         sequences: dict[str, int],
+        one_call_end: OneCallEnd,
     ) -> None:
         super().__init__(api, target, sent, save, interval_s, index)
         self._clock = clock
         self._sequences = sequences
+        self._one_call_end = one_call_end
 
     def _next_sequence(self) -> int:
         card_id = self._sent.card_id
@@ -548,15 +588,23 @@ class _CardKitCard(_SentCardBase):
         )
 
     async def finish(self, text: str) -> None:
-        card_id = self._sent.card_id
         shown = safe_markdown(text)
+        if await self._end_in_one_call(shown):
+            return
+        card_id = self._sent.card_id
         await self._sequenced(lambda seq: self._api.set_card_text(card_id, ELEMENT_ID, shown, seq))
         try:  # the text is there: a card that stays "typing" is a blemish, not a lost answer
             await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
         except FeishuApiError as exc:
             log.warning("card_not_closed", card_id=card_id, error=str(exc))
+        self._one_call_end.confirm_refused()
 
     async def close(self, note: str) -> None:
+        try:
+            if await self._end_in_one_call(note):
+                return
+        except FeishuApiError:
+            return  # not even after retries: best effort ends here
         card_id = self._sent.card_id
         with contextlib.suppress(FeishuApiError):
             await self._sequenced(
@@ -564,6 +612,23 @@ class _CardKitCard(_SentCardBase):
             )
         with contextlib.suppress(FeishuApiError):
             await self._sequenced(lambda seq: self._api.set_card_streaming(card_id, False, seq))
+
+    async def _end_in_one_call(self, text: str) -> bool:
+        """Put ``text`` and end streaming in one batch update; False when the batch update was
+        refused with a final error (the caller then makes the two calls). Raises what a retry
+        could not fix: two calls would fare no better."""
+        if not self._one_call_end.usable:
+            return False
+        card_id = self._sent.card_id
+        try:
+            await self._sequenced(lambda seq: self._api.end_card(card_id, ELEMENT_ID, text, seq))
+        except FeishuApiError as exc:
+            if exc.retryable:
+                raise
+            self._one_call_end.refused(exc)
+            return False
+        self._one_call_end.confirm_usable()
+        return True
 
 
 class _PatchCard(_SentCardBase):

@@ -766,11 +766,14 @@ class CardUpdate:
     """One sequenced CardKit operation that the fake accepted."""
 
     kind: str
-    """``content`` / ``settings`` / ``update`` / ``batch_update`` / ``element_*``."""
+    """``content`` / ``settings`` / ``update`` / ``element_*``."""
     sequence: int | None
+    """``None`` for an unsequenced call, and for a batch update's actions after its first."""
     element_id: str | None
     content: Any
     time: float
+    batch: bool = False
+    """One action of a batch update (each is recorded as the operation it performs)."""
 
 
 @dataclass
@@ -2745,12 +2748,84 @@ class FakeFeishu(ServerLifecycle):
         return self._accept(card, sequence, "update", None, spec)
 
     def _ep_card_batch_update(self, call: RestCall) -> _Reply:
+        """CardKit's batch update: ``actions`` (a JSON array in a string) applied in order as
+        one sequenced operation, all or nothing. Modelled: ``partial_update_setting``,
+        ``partial_update_element``, ``update_element`` and ``delete_elements``; any other
+        action, or a malformed one, refuses the whole batch (invalid parameter)."""
         checked = self._sequenced(call)
         if isinstance(checked, _Reply):
             return checked
         card, sequence = checked
         actions = _load_json(self._body(call).get("actions"))
-        return self._accept(card, sequence, "batch_update", None, actions)
+        if not isinstance(actions, list) or not actions:
+            return _error(CODE_INVALID_PARAM, "actions must be a non-empty JSON array string")
+        planned: list[tuple[str, str | None, Any]] = []
+        for action in actions:
+            step = self._batch_step(card, action)
+            if isinstance(step, _Reply):
+                return step
+            planned.append(step)
+        now = time.monotonic()
+        for index, (kind, element_id, value) in enumerate(planned):
+            if kind == "settings":
+                config = value.get("config") or {}
+                if "streaming_mode" in config:
+                    card.streaming_mode = bool(config["streaming_mode"])
+                card.spec.setdefault("config", {}).update(config)
+                card.settings.append(value)
+            elif kind == "element_delete":
+                for each in value:
+                    card.elements.pop(each, None)
+                    card.element_order.remove(each)
+            elif kind == "element_update":
+                card.elements[str(element_id)] = value
+            else:  # "content" / "element_patch": a partial update of one element
+                card.elements[str(element_id)].update(value)
+                value = value["content"] if kind == "content" else value
+            # One operation, one sequence: it is recorded on the batch's first action.
+            card.updates.append(
+                CardUpdate(kind, sequence if index == 0 else None, element_id, value, now, True)
+            )
+        if sequence is not None:
+            card.sequence = sequence
+        return _ok({}, msg="")
+
+    def _batch_step(self, card: FakeCard, action: Any) -> tuple[str, str | None, Any] | _Reply:
+        """One batch action checked against ``card``: ``(kind, element id, value)``."""
+        if not isinstance(action, dict) or not isinstance(action.get("params"), dict):
+            return _error(CODE_INVALID_PARAM, "each action needs an action name and params")
+        name, params = action.get("action"), action["params"]
+        if name == "partial_update_setting":
+            settings = params.get("settings")
+            if not isinstance(settings, dict):
+                return _error(CODE_INVALID_PARAM, "settings must be an object")
+            return "settings", None, settings
+        if name == "delete_elements":
+            ids = params.get("element_ids")
+            if not isinstance(ids, list) or any(i not in card.elements for i in ids):
+                return _error(CODE_ELEMENT_NOT_FOUND, "element not found")
+            return "element_delete", None, list(ids)
+        if name not in ("partial_update_element", "update_element"):
+            return _error(CODE_INVALID_PARAM, f"unsupported action {name!r}")
+        element_id = params.get("element_id")
+        if not isinstance(element_id, str) or element_id not in card.elements:
+            return _error(CODE_ELEMENT_NOT_FOUND, f"element {element_id!r} not found")
+        if name == "update_element":
+            element = params.get("element")
+            if not isinstance(element, dict):
+                return _error(CODE_INVALID_PARAM, "element must be an object")
+            return "element_update", element_id, element
+        partial = params.get("partial_element")
+        if not isinstance(partial, dict):
+            return _error(CODE_INVALID_PARAM, "partial_element must be an object")
+        content = partial.get("content")
+        if content is None:
+            return "element_patch", element_id, partial
+        if not isinstance(content, str):
+            return _error(CODE_INVALID_PARAM, "content must be a string")
+        if self.card_size_limit is not None and len(content.encode()) > self.card_size_limit:
+            return _sample_error("card_too_large")
+        return "content", element_id, partial
 
     def _ep_card_element_create(self, call: RestCall) -> _Reply:
         checked = self._sequenced(call)
