@@ -29,6 +29,46 @@ def test_estimate_is_never_negative_and_grows_with_text(first: str, second: str)
     assert estimate_tokens(first + " " + second) >= estimate_tokens(first)
 
 
+def _estimate_by_the_rules(text: str) -> int:
+    """The estimator's documented rules, applied one character at a time (the specification)."""
+    cjk_ranges = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF))
+    cjk_ranges += ((0xF900, 0xFAFF),)
+    tenths, run_kind, run = 0, "", 0
+
+    def end_run() -> int:
+        if run_kind == "word":
+            return 10 * -(-run // 7)
+        return 10 * -(-run // 3) if run_kind == "digits" else 0
+
+    for char in text:
+        kind = (
+            "word"
+            if char.isascii() and char.isalpha()
+            else "digits"
+            if char in "0123456789"
+            else ""
+        )
+        if kind != run_kind:
+            tenths += end_run()
+            run_kind, run = kind, 0
+        run += 1
+        if kind:
+            continue
+        if any(low <= ord(char) <= high for low, high in cjk_ranges):
+            tenths += 11
+        elif char == "\n":
+            tenths += 5
+        elif not char.isspace():
+            tenths += 6
+    tenths += end_run()
+    return -(-tenths // 10)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8")) | st.text("ab9 \n.中あ한é😀" * 3))
+def test_estimate_follows_its_documented_rules(text: str) -> None:
+    assert estimate_tokens(text) == _estimate_by_the_rules(text)
+
+
 def test_prompt_is_system_history_then_the_current_message() -> None:
     history = [turn("user", "q1"), turn("assistant", "a1")]
     prompt = build_prompt("be brief", history, "q2", budget_tokens=1000)

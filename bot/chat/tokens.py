@@ -33,31 +33,26 @@ import re
 
 MESSAGE_OVERHEAD = 4
 
-_TOKEN_CLASSES = re.compile(
-    r"(?P<cjk>[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff])"
-    r"|(?P<word>[A-Za-z]+)"
-    r"|(?P<digits>[0-9]+)"
-    r"|(?P<space>\s+)"
-    r"|(?P<other>.)",
-    re.DOTALL,
-)
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_WORD = re.compile(r"[A-Za-z]+")
+_LONG_WORD = re.compile(r"[A-Za-z]{8,}")
+_DIGITS = re.compile(r"[0-9]+")
+_OTHER_CHAR = re.compile(f"[^\\sA-Za-z0-9{_CJK}]")
 
 
 def estimate_tokens(text: str) -> int:
     """Estimate how many tokens ``text`` costs a GPT-style BPE tokenizer."""
-    tenths = 0  # integer tenths of a token, rounded up at the end
-    for match in _TOKEN_CLASSES.finditer(text):
-        kind, value = match.lastgroup, match.group()
-        if kind == "cjk":
-            tenths += 11
-        elif kind == "word":
-            tenths += 10 * max(1, -(-len(value) // 7))
-        elif kind == "digits":
-            tenths += 10 * -(-len(value) // 3)
-        elif kind == "other":
-            tenths += 6
-        elif "\n" in value:
-            tenths += 5 * value.count("\n")
+    # Each class is counted by one C-level scan; a loop over the matches in Python cost three
+    # times as much, and every delivered answer is estimated on the event loop.
+    words = len(_WORD.findall(text)) + sum((len(w) - 1) // 7 for w in _LONG_WORD.findall(text))
+    tenths = (  # integer tenths of a token, rounded up at the end
+        11 * len(_CJK_CHAR.findall(text))
+        + 10 * words
+        + 10 * sum((len(d) + 2) // 3 for d in _DIGITS.findall(text))
+        + 6 * len(_OTHER_CHAR.findall(text))
+        + 5 * text.count("\n")
+    )
     return -(-tenths // 10)
 
 
