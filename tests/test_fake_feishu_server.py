@@ -689,23 +689,28 @@ async def test_injected_faults_reach_the_sdk_with_the_documented_bodies() -> Non
         assert len(fs.calls_to("tenant_token")) == 1
 
 
+async def _create_streaming_card(client: lark.Client) -> str:
+    """A streaming CardKit card with one markdown element ``md`` ("..."), made through the SDK."""
+    spec = {
+        "schema": "2.0",
+        "config": {"streaming_mode": True},
+        "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "..."}]},
+    }
+    created = await asyncio.to_thread(
+        client.cardkit.v1.card.create,
+        CreateCardRequest.builder()
+        .request_body(
+            CreateCardRequestBody.builder().type("card_json").data(json.dumps(spec)).build()
+        )
+        .build(),
+    )
+    return str(created.data.card_id)
+
+
 async def test_cardkit_rejects_a_sequence_that_does_not_increase() -> None:
     async with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}") as fs:
         client = _sdk_client(fs)
-        spec = {
-            "schema": "2.0",
-            "config": {"streaming_mode": True},
-            "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "..."}]},
-        }
-        created = await asyncio.to_thread(
-            client.cardkit.v1.card.create,
-            CreateCardRequest.builder()
-            .request_body(
-                CreateCardRequestBody.builder().type("card_json").data(json.dumps(spec)).build()
-            )
-            .build(),
-        )
-        card_id = created.data.card_id
+        card_id = await _create_streaming_card(client)
 
         def update(content: str, sequence: int) -> lark.BaseResponse:
             request = (
@@ -733,20 +738,7 @@ async def test_cardkit_rejects_a_sequence_that_does_not_increase() -> None:
 async def test_cardkit_batch_update_applies_its_actions_in_order_or_not_at_all() -> None:
     async with FakeFeishu(app_id=f"cli_{uuid.uuid4().hex[:12]}", card_size_limit=512) as fs:
         client = _sdk_client(fs)
-        spec = {
-            "schema": "2.0",
-            "config": {"streaming_mode": True},
-            "body": {"elements": [{"tag": "markdown", "element_id": "md", "content": "..."}]},
-        }
-        created = await asyncio.to_thread(
-            client.cardkit.v1.card.create,
-            CreateCardRequest.builder()
-            .request_body(
-                CreateCardRequestBody.builder().type("card_json").data(json.dumps(spec)).build()
-            )
-            .build(),
-        )
-        card_id = created.data.card_id
+        card_id = await _create_streaming_card(client)
 
         def batch(actions: list[dict[str, Any]], sequence: int) -> lark.BaseResponse:
             request = (
