@@ -785,6 +785,28 @@ async def test_cardkit_batch_update_applies_its_actions_in_order_or_not_at_all()
         stale = await asyncio.to_thread(batch, [text], 1)
         assert stale.code == 300317  # one operation, one sequence
 
+        rework = [
+            {
+                "action": "partial_update_element",
+                "params": {"element_id": "md", "partial_element": {"text_size": "heading"}},
+            },
+            {
+                "action": "update_element",
+                "params": {
+                    "element_id": "md",
+                    "element": {"tag": "markdown", "element_id": "md", "content": "Redone."},
+                },
+            },
+        ]
+        assert (await asyncio.to_thread(batch, rework, 2)).code == 0
+        assert [u.kind for u in card.updates[-2:]] == ["element_patch", "element_update"]
+        assert card.text == "Redone."
+        delete = {"action": "delete_elements", "params": {"element_ids": ["md"]}}
+        assert (await asyncio.to_thread(batch, [delete], 3)).code == 0
+        assert (card.elements, card.element_order, card.text) == ({}, [], "")
+        gone = await asyncio.to_thread(batch, [text], 4)
+        assert gone.code == 300302  # the fake's "element not found"
+
 
 # --------------------------------------------------------------------------------------------
 # Reading messages back: GET /im/v1/messages/:message_id through the SDK

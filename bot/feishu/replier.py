@@ -203,7 +203,7 @@ class CardReplier:
         self._metrics = metrics or Metrics()
         self._unavailable: set[ReplyMode] = set()
         self._sequences: dict[str, int] = {}  # card id -> last sequence used in this process
-        self._one_call_end = OneCallEnd()
+        self._one_call_end = _OneCallEnd()
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -486,7 +486,7 @@ class _SentCardBase:
         return self._sent.message_id
 
 
-class OneCallEnd:
+class _OneCallEnd:
     """Whether a CardKit card's final text and the end of its streaming go in one call.
 
     They do (``batch_update``) until Feishu refuses that call with a final error and the two
@@ -540,7 +540,7 @@ class _CardKitCard(_SentCardBase):
         *,
         clock: Clock,
         sequences: dict[str, int],
-        one_call_end: OneCallEnd,
+        one_call_end: _OneCallEnd,
     ) -> None:
         super().__init__(api, target, sent, save, interval_s, index)
         self._clock = clock
@@ -615,8 +615,9 @@ class _CardKitCard(_SentCardBase):
 
     async def _end_in_one_call(self, text: str) -> bool:
         """Put ``text`` and end streaming in one batch update; False when the batch update was
-        refused with a final error (the caller then makes the two calls). Raises what a retry
-        could not fix: two calls would fare no better."""
+        refused with a final error (the caller then makes the two calls). A failure that
+        outlasted the call's retries (5xx, timeouts, rate limits) is raised: two calls would fare
+        no better."""
         if not self._one_call_end.usable:
             return False
         card_id = self._sent.card_id

@@ -2776,7 +2776,8 @@ class FakeFeishu(ServerLifecycle):
             elif kind == "element_delete":
                 for each in value:
                     card.elements.pop(each, None)
-                    card.element_order.remove(each)
+                    if each in card.element_order:
+                        card.element_order.remove(each)
             elif kind == "element_update":
                 card.elements[str(element_id)] = value
             else:  # "content" / "element_patch": a partial update of one element
