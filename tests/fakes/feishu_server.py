@@ -797,6 +797,14 @@ class FakeCard:
     message_ids: list[str] = field(default_factory=list)
     """Messages that reference this card (``{"type": "card", "data": {"card_id"}}``)."""
 
+    def apply_settings(self, settings: JSONDict) -> None:
+        """Take a settings update (``{"config": {…}, "card_link": …}``) as Feishu does."""
+        config = settings.get("config") or {}
+        if "streaming_mode" in config:
+            self.streaming_mode = bool(config["streaming_mode"])
+        self.spec.setdefault("config", {}).update(config)
+        self.settings.append(settings)
+
     @property
     def closed(self) -> bool:
         """``True`` once ``streaming_mode`` is off (the stream was finished)."""
@@ -2233,10 +2241,14 @@ class FakeFeishu(ServerLifecycle):
 
     # -- IM ----------------------------------------------------------------------------------
 
+    def _over_card_limit(self, text: str) -> bool:
+        """Whether ``text`` is more than Feishu takes in a card (``card_size_limit``)."""
+        return self.card_size_limit is not None and len(text.encode()) > self.card_size_limit
+
     def _validate_content(self, msg_type: str, content: Any) -> _Reply | None:
         if not isinstance(content, str) or not isinstance(_load_json(content), dict):
             return _error(CODE_INVALID_CONTENT, "invalid message content")
-        if self.card_size_limit is not None and len(content.encode()) > self.card_size_limit:
+        if self._over_card_limit(content):
             return _sample_error("card_too_large")
         if msg_type == "interactive":
             parsed = _load_json(content)
@@ -2639,7 +2651,7 @@ class FakeFeishu(ServerLifecycle):
     def _parse_card_json(self, data: Any) -> JSONDict | _Reply:
         if not isinstance(data, str):
             return _error(CODE_INVALID_PARAM, "card data must be a JSON string")
-        if self.card_size_limit is not None and len(data.encode()) > self.card_size_limit:
+        if self._over_card_limit(data):
             return _sample_error("card_too_large")
         parsed = _load_json(data)
         if not isinstance(parsed, dict):
@@ -2714,7 +2726,7 @@ class FakeFeishu(ServerLifecycle):
         content = self._body(call).get("content")
         if not isinstance(content, str):
             return _error(CODE_INVALID_PARAM, "content must be a string")
-        if self.card_size_limit is not None and len(content.encode()) > self.card_size_limit:
+        if self._over_card_limit(content):
             return _sample_error("card_too_large")
         element["content"] = content
         return self._accept(card, sequence, "content", element_id, content)
@@ -2727,11 +2739,7 @@ class FakeFeishu(ServerLifecycle):
         settings = _load_json(self._body(call).get("settings"))
         if not isinstance(settings, dict):
             return _error(CODE_INVALID_PARAM, "settings must be a JSON object string")
-        config = settings.get("config") or {}
-        if "streaming_mode" in config:
-            card.streaming_mode = bool(config["streaming_mode"])
-        card.spec.setdefault("config", {}).update(config)
-        card.settings.append(settings)
+        card.apply_settings(settings)
         return self._accept(card, sequence, "settings", None, settings)
 
     def _ep_card_update(self, call: RestCall) -> _Reply:
@@ -2768,11 +2776,7 @@ class FakeFeishu(ServerLifecycle):
         now = time.monotonic()
         for index, (kind, element_id, value) in enumerate(planned):
             if kind == "settings":
-                config = value.get("config") or {}
-                if "streaming_mode" in config:
-                    card.streaming_mode = bool(config["streaming_mode"])
-                card.spec.setdefault("config", {}).update(config)
-                card.settings.append(value)
+                card.apply_settings(value)
             elif kind == "element_delete":
                 for each in value:
                     card.elements.pop(each, None)
@@ -2824,7 +2828,7 @@ class FakeFeishu(ServerLifecycle):
             return "element_patch", element_id, partial
         if not isinstance(content, str):
             return _error(CODE_INVALID_PARAM, "content must be a string")
-        if self.card_size_limit is not None and len(content.encode()) > self.card_size_limit:
+        if self._over_card_limit(content):
             return _sample_error("card_too_large")
         return "content", element_id, partial
 
