@@ -1,0 +1,77 @@
+"""bench/ack_floor.py and its SDK floor receiver measure what they say they measure.
+
+The floor receiver (bench/_sdk_floor_bot.py) runs the real SDK against the fake Feishu; with
+``--journal`` it must journal every event before the ACK exactly as the bot does, or the
+``sdk_journal`` row would not be the journal's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench._bots import CommandProcess
+from bench._burst import _events, _questions, _send
+from bench._fake_world import Scenario, fake_world
+from bot.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _journaled(path: Path) -> list[tuple[str, str]]:
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        return await store.arrivals()
+    finally:
+        await store.close()
+
+
+def test_the_sdk_floor_receiver_journals_every_event_before_its_ack(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    with fake_world(Scenario(), feishu_limits=False) as world:
+        fs = world.fs
+        command = [sys.executable, "-m", "bench._sdk_floor_bot", "--domain", fs.domain]
+        command += ["--app-id", fs.app_id, "--app-secret", fs.app_secret]
+        process = CommandProcess(tmp_path, [*command, "--journal", str(journal)]).start()
+        try:
+            process.wait_for_event("bot_ready", timeout=60)
+            fs.wait_for_connections_blocking(1, timeout=60)
+            frames = _send(world, _events(fs, "t", _questions("t", 3)))
+            for frame in frames:
+                fs.wait_for_ack_blocking(frame, timeout=30)
+            message_ids = [fs.delivery(frame).message_id for frame in frames]
+        finally:
+            assert process.stop() == 0, process.output
+    assert "arrival_not_journaled" not in process.output
+    journaled = asyncio.run(_journaled(journal))
+    assert [message_id for message_id, _ in journaled] == message_ids
+    assert all('"im.message.receive_v1"' in event for _, event in journaled)
+
+
+def test_ack_floor_prints_every_measure_of_every_receiver_it_ran() -> None:
+    options = ["--concurrency", "3", "--bursts", "1", "--receivers", "reference,sdk"]
+    result = subprocess.run(
+        [sys.executable, "bench/ack_floor.py", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    values = {
+        name: float(value)
+        for name, value, _unit in (
+            line.split() for line in result.stdout.splitlines() if not line.startswith("#")
+        )
+    }
+    measures = ("ack_p50", "ack_p99", "ack_p99_min", "ack_p99_max")
+    expected = {f"ack_floor.{r}.c3.{m}" for r in ("reference", "sdk") for m in measures}
+    assert set(values) == expected | {"ack_floor.sdk.c3.ack_p99_vs_reference"}
+    assert all(value > 0 for value in values.values())
