@@ -1441,3 +1441,20 @@ async def test_media_endpoints_take_injected_faults_holds_and_delays() -> None:
 
     assert len(fs.calls_to("speech_file_recognize")) == 2
     assert [c.status for c in fs.calls_to("message_resource")] == [200]
+
+
+async def test_a_cut_call_resets_its_connection_with_no_answer_and_no_effect() -> None:
+    card = {"schema": "2.0", "body": {"elements": [{"tag": "markdown", "content": "hi"}]}}
+    body = {"type": "card_json", "data": json.dumps(card)}
+    async with FakeFeishu() as fs, httpx.AsyncClient(base_url=fs.domain) as http:
+        auth = await _tenant_auth(http, fs)
+        fs.cut("card_create")
+        with pytest.raises(httpx.TransportError):
+            await http.post("/open-apis/cardkit/v1/cards", headers=auth, json=body)
+        assert fs.cards == {}
+        created = await http.post("/open-apis/cardkit/v1/cards", headers=auth, json=body)
+        assert created.json()["code"] == 0
+    cut, answered = fs.calls_to("card_create")
+    assert (cut.injected, cut.status) == ("cut", None)
+    assert (answered.injected, answered.status) == (None, 200)
+    assert list(fs.cards) == [created.json()["data"]["card_id"]]

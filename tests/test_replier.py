@@ -8,6 +8,7 @@ fast and deterministic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import uuid
@@ -128,6 +129,40 @@ class Feed:
             yield event
 
 
+#: the REST timeout of the replier in the tests below that make the final call time out
+SHORT_TIMEOUT_S = 0.3
+
+
+#: every way a REST call can fail but a missing permission (final, tested on its own)
+TRANSIENT_FAULTS = ["rate limited", "server error", "timeout", "connection cut"]
+
+
+def _fail_call(fs: FakeFeishu, target: str, fault: str, *, times: int | None) -> None:
+    """Make the ``target`` call fail ``times`` times in the way ``fault`` names."""
+    if fault == "rate limited":
+        fs.fail(target, "rate_limited", times=times, headers={"x-ogw-ratelimit-reset": "1"})
+    elif fault == "server error":
+        fs.fail(target, 1, "internal error", http_status=503, times=times)
+    elif fault == "timeout":
+        fs.hold(target, times=times)  # answered only when the fake stops
+    elif fault == "connection cut":
+        fs.cut(target, times=times)
+    else:
+        raise AssertionError(fault)
+
+
+@contextlib.asynccontextmanager
+async def _quick_setup(fake: FakeFeishuThread, *, attempts: int = 4) -> AsyncIterator[Setup]:
+    """A setup whose calls time out after :data:`SHORT_TIMEOUT_S`."""
+    sleeps: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with feishu_api(fake, timeout_s=SHORT_TIMEOUT_S, attempts=attempts, sleep=no_wait) as api:
+        yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps, api)
+
+
 # ---- the happy path --------------------------------------------------------------------------
 
 
@@ -210,6 +245,80 @@ async def test_a_5xx_on_the_final_batch_update_is_retried_into_the_same_card(
     assert setup.fs.calls_to("card_settings") == []
 
 
+@pytest.mark.parametrize("fault", ["rate limited", "timeout", "connection cut"])
+async def test_a_final_batch_update_failing_once_is_retried_into_the_same_card(
+    fake: FakeFeishuThread, fault: str
+) -> None:
+    async with _quick_setup(fake) as setup:
+        _fail_call(setup.fs, "card_batch_update", fault, times=1)
+        target = setup.user_message()
+        result = await setup.stream(target, answer("Arrives ", "after one retry."))
+    assert (result.outcome, result.undelivered) == ("complete", "")
+    (reply,) = setup.fs.replies_to(target.message_id)  # nothing sent twice, no follow-up
+    card = setup.fs.card(reply.card_id or "")
+    assert (card.closed, card.text) == (True, "Arrives after one retry.")
+    assert card.sequences == sorted(set(card.sequences))
+    first_end, second_end = setup.fs.calls_to("card_batch_update")
+    assert (first_end.status, second_end.status) != (200, 200)  # the failure, then the retry
+    assert second_end.status == 200
+    assert setup.fs.calls_to("card_settings") == []
+    assert result.message_ids == [reply.message_id]
+    record = DeliveryRecord.from_json(setup.saved[-1])
+    assert [c.card_id for c in record.cards] == [reply.card_id]
+
+
+@pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
+async def test_a_final_batch_update_that_keeps_failing_sends_the_answer_as_a_message(
+    fake: FakeFeishuThread, fault: str
+) -> None:
+    async with _quick_setup(fake, attempts=2) as setup:
+        _fail_call(setup.fs, "card_batch_update", fault, times=None)
+        feed = Feed()
+        target = setup.user_message()
+        streaming = asyncio.create_task(setup.stream(target, feed.events()))
+        feed.put(ReplyDelta("Never lost, "))
+        await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+        feed.put(ReplyFinished("Never lost, only moved."))
+        feed.put(None)
+        result = await asyncio.wait_for(streaming, 30)
+    assert (result.outcome, result.undelivered) == ("complete", "")
+    card_reply, text_reply = setup.fs.replies_to(target.message_id)
+    assert (card_reply.msg_type, text_reply.msg_type) == ("interactive", "text")
+    assert setup.fs.message_text(text_reply.message_id) == "Never lost, only moved."
+    # The card is not left typing: the two calls of its own close got through.
+    card = setup.fs.card(card_reply.card_id or "")
+    assert (card.closed, card.text) == (True, MOVED_NOTE)
+    assert [c.status for c in setup.fs.calls_to("card_settings")] == [200]
+    # The message went first: the card's close came after it.
+    (close,) = setup.fs.calls_to("card_settings")
+    (text_call,) = [c for c in setup.fs.calls_to("message_reply") if c.json["msg_type"] == "text"]
+    assert text_call.time < close.time
+    assert sorted(result.message_ids) == sorted([card_reply.message_id, text_reply.message_id])
+    record = DeliveryRecord.from_json(setup.saved[-1])
+    assert [c.card_id for c in record.cards] == [card_reply.card_id]
+
+
+async def test_cardkit_permission_withdrawn_before_the_end_sends_the_answer_as_a_message(
+    setup: Setup,
+) -> None:
+    feed = Feed()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events()))
+    feed.put(ReplyDelta("Half of it"))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    for endpoint in ("card_batch_update", "card_element_content", "card_settings"):
+        setup.fs.fail(endpoint, "no_permission_cardkit", times=None)
+    feed.put(ReplyFinished("Half of it, and the rest."))
+    feed.put(None)
+    result = await asyncio.wait_for(streaming, 10)
+    assert (result.outcome, result.undelivered) == ("complete", "")
+    card_reply, text_reply = setup.fs.replies_to(target.message_id)
+    assert setup.fs.message_text(text_reply.message_id) == "Half of it, and the rest."
+    assert setup.fs.card(card_reply.card_id or "").text == "Half of it"
+    assert all(c.status == 400 for c in setup.fs.calls_to("card_batch_update"))
+    assert len(setup.sleeps) == 0  # a missing permission is final: nothing was retried
+
+
 async def test_a_model_answer_cannot_mention_everyone(setup: Setup) -> None:
     target = setup.user_message()
     await setup.stream(target, answer('Hi <at id=all></at> and <at user_id="all">all</at>!'))
@@ -271,6 +380,45 @@ async def test_a_reply_feishu_never_takes_is_returned_as_undelivered(setup: Setu
     assert result.undelivered == "Keep me."
     assert result.permanent is False
     assert setup.fs.replies_to(target.message_id) == []
+
+
+@pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
+@pytest.mark.parametrize("endpoint", ["card_create", "message_reply"])
+async def test_the_card_failing_once_to_open_or_be_sent_still_brings_one_whole_answer(
+    fake: FakeFeishuThread, endpoint: str, fault: str
+) -> None:
+    async with _quick_setup(fake) as setup:
+        _fail_call(setup.fs, endpoint, fault, times=1)
+        target = setup.user_message()
+        result = await setup.stream(target, answer("One card, ", "whole."))
+        assert (result.outcome, result.undelivered) == ("complete", "")
+        assert setup.card_text(target) == "One card, whole."  # one reply, closed
+        first, retried = setup.fs.calls_to(endpoint)
+        assert (first.status, retried.status) != (200, 200)
+        assert retried.status == 200
+        if endpoint == "message_reply":  # the retry is the same reply: Feishu keeps one
+            assert first.json["uuid"] == retried.json["uuid"]
+        (reply,) = setup.fs.replies_to(target.message_id)
+        record = DeliveryRecord.from_json(setup.saved[-1])
+        assert [(c.card_id, c.message_id) for c in record.cards] == [
+            (reply.card_id, reply.message_id)
+        ]
+
+
+@pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
+async def test_a_reply_that_keeps_failing_is_kept_as_undelivered_not_lost(
+    fake: FakeFeishuThread, fault: str
+) -> None:
+    async with _quick_setup(fake, attempts=2) as setup:
+        _fail_call(setup.fs, "message_reply", fault, times=None)
+        target = setup.user_message()
+        result = await setup.stream(target, answer("Kept ", "for later."))
+    assert (result.undelivered, result.permanent) == ("Kept for later.", False)
+    assert setup.fs.replies_to(target.message_id) == []
+    assert result.message_ids == []
+    # The card made for it is recorded: the redelivery sends that one, not a second card.
+    (card,) = DeliveryRecord.from_json(setup.saved[-1]).cards
+    assert card.card_id in setup.fs.cards
 
 
 async def test_a_recalled_question_is_undeliverable_for_good(setup: Setup) -> None:

@@ -13,11 +13,11 @@ remembered for the life of the process, with one warning naming the scope):
 The card opens ("Thinking…") as soon as the message is accepted, while the LLM works. Updates are
 best effort and coalesced to one per ``chat.stream_update_ms`` (a rate-limited update pauses them
 for Feishu's reset hint); the final text of every card is sent by the bot itself with retries and
-its result checked. If it cannot land in the card, the card is closed with a note and the text
-goes out as a follow-up message; what still could not be delivered is returned to the caller,
-who keeps it in the inbox and tries again later. Answers longer than one card (Feishu caps a card
-at about 30 KB) continue in follow-up cards. Every card is closed, also when shutdown cuts an
-answer short.
+its result checked. If it cannot land in the card, the text goes out as a follow-up message and
+then the card is closed with a note saying so; what still could not be delivered is returned to
+the caller, who keeps it in the inbox and tries again later. Answers longer than one card
+(Feishu caps a card at about 30 KB) continue in follow-up cards. Every card is closed, also when
+shutdown cuts an answer short, unless Feishu takes none of its calls.
 
 Every card and message sent is recorded in a :class:`DeliveryRecord` (kept in the inbox row), so
 after a crash or restart the answer is regenerated *into the same cards* instead of a second
@@ -412,23 +412,25 @@ class CardReplier:
         result: StreamedReply,
         state: _AnswerState,
     ) -> bool:
-        """Close the card with ``text``; if that fails, send ``text`` as a follow-up message.
-        False when even that failed (then ``result`` says what is undelivered)."""
+        """Close the card with ``text``; if that fails, send ``text`` as a follow-up message and
+        then close the card with a note saying so. False when the message failed too (then
+        ``result`` says what is undelivered)."""
         try:
             await card.finish(text)
             self._time_first_text(state)
             return True
         except FeishuApiError as exc:
             log.warning("card_final_update_failed", error=str(exc))
-        await card.close(MOVED_NOTE)
+        delivered = True
         try:
             result.message_ids += await self._send_text_parts(target, text, tag=f"{index}-moved")
             self._time_first_text(state)
-            return True
         except FeishuApiError as exc:
             log.warning("reply_text_failed", error=str(exc))
             result.permanent = not exc.retryable
-            return False
+            delivered = False
+        await card.close(MOVED_NOTE)  # after the message: a struggling card must not delay it
+        return delivered
 
     def _time_first_text(self, state: _AnswerState) -> None:
         """Text of the model's answer reached the user: time it, the first time."""
@@ -604,7 +606,7 @@ class _CardKitCard(_SentCardBase):
             if await self._end_in_one_call(note):
                 return
         except FeishuApiError:
-            return  # not even after retries: best effort ends here
+            pass  # it outlasted its retries; the two calls have limits of their own: try them
         card_id = self._sent.card_id
         with contextlib.suppress(FeishuApiError):
             await self._sequenced(

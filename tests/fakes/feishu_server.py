@@ -1035,14 +1035,14 @@ class Gate(Latch):
 
 @dataclass
 class FaultRule:
-    """A fault injected with :meth:`FakeFeishu.fail`, ``delay`` or ``hold``.
+    """A fault injected with :meth:`FakeFeishu.fail`, ``delay``, ``hold`` or ``cut``.
 
     ``target`` is an endpoint name (see :data:`ENDPOINTS`), a path glob
     (``/open-apis/im/v1/messages/*/reply``) or ``"METHOD glob"``. ``times=None`` means forever.
     """
 
     target: str
-    kind: Literal["fail", "delay", "hold"]
+    kind: Literal["fail", "delay", "hold", "cut"]
     times: int | None
     http_status: int = 400
     body: JSONDict | None = None
@@ -1085,6 +1085,8 @@ class _Reply:
     raw: bytes | None = None
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    cut: bool = False
+    """Send nothing: abort the connection instead (:meth:`FakeFeishu.cut`)."""
 
 
 def _ok(data: JSONDict | None = None, **top: Any) -> _Reply:
@@ -1566,6 +1568,13 @@ class FakeFeishu(ServerLifecycle):
         self._add_rule(FaultRule(target=target, kind="hold", times=times, gate=gate))
         return gate
 
+    def cut(self, target: str, *, times: int | None = 1) -> FaultRule:
+        """Abort the connection of the next ``times`` matching requests once their body is read,
+        without answering (the client sees the connection reset mid-call). The call is
+        recorded with status ``None`` and ``injected == "cut"``; the endpoint's effect does not
+        happen."""
+        return self._add_rule(FaultRule(target=target, kind="cut", times=times))
+
     def _add_rule(self, rule: FaultRule) -> FaultRule:
         if (
             rule.target not in ENDPOINTS
@@ -1925,6 +1934,10 @@ class FakeFeishu(ServerLifecycle):
         ticket = request.query.get("ticket", "")
         with self._lock:
             issued = self._tickets.pop(device_id, None)
+        if injected is not None and injected.cut:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
         if injected is None and (issued is None or issued[0] != ticket):
             injected = _Reply(status=403, body={"code": 403, "msg": "unknown device_id or ticket"})
         if injected is not None:
@@ -2100,6 +2113,10 @@ class FakeFeishu(ServerLifecycle):
         delay = matching.get("delay")
         if delay is not None and delay.seconds > 0:
             await asyncio.sleep(delay.seconds)
+        if "cut" in matching:
+            with self._lock:
+                call.injected = "cut"
+            return _Reply(status=0, cut=True)
         failure = matching.get("fail")
         if failure is not None:
             with self._lock:
@@ -2132,6 +2149,13 @@ class FakeFeishu(ServerLifecycle):
         body, files = await self._read_body(request)
         call = self._record_call(request, endpoint, params, body, files)
         reply = await self._apply_faults(call)
+        if reply is not None and reply.cut:
+            if request.transport is not None:
+                request.transport.abort()
+            with self._lock:
+                call.finished_at = time.monotonic()
+            self._notifier.notify()
+            return web.Response(status=500)  # never sent: the connection is gone
         if reply is None:
             with self._lock:
                 reply = self._auth_check(call) or self._dispatch(call)
