@@ -504,6 +504,32 @@ async def test_a_rate_limited_update_pauses_updates_and_the_final_text_still_lan
     assert setup.card_text(target) == "one two three four"
 
 
+@pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
+async def test_an_update_lost_mid_answer_is_made_good_by_the_next_and_the_end(
+    fake: FakeFeishuThread, fault: str
+) -> None:
+    async with _quick_setup(fake) as setup:
+        feed = Feed()
+        target = setup.user_message()
+        streaming = asyncio.create_task(setup.stream(target, feed.events()))
+        feed.put(ReplyDelta("one "))
+        await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+        _fail_call(setup.fs, "card_element_content", fault, times=1)
+        feed.put(ReplyDelta("two "))
+        await setup.fs.wait_for_calls("card_element_content", 2, timeout=10)
+        feed.put(ReplyFinished("one two three"))
+        feed.put(None)
+        result = await asyncio.wait_for(streaming, 10)
+        assert (result.outcome, result.undelivered) == ("complete", "")
+        assert setup.card_text(target) == "one two three"  # one card, closed, whole
+        first, lost, *_ = setup.fs.calls_to("card_element_content")
+        assert first.status == 200
+        assert lost.status != 200  # failed, timed out or cut: the user did not see it
+        card = setup.fs.card(setup.fs.replies_to(target.message_id)[0].card_id or "")
+        assert card.sequences == sorted(set(card.sequences))  # nothing applied out of order
+        assert len(setup.fs.calls_to("card_batch_update")) == 1
+
+
 async def test_a_sequence_conflict_on_the_final_update_leaps_forward(setup: Setup) -> None:
     setup.fs.fail("card_element_content", "card_sequence_not_increasing", times=1)
     target = setup.user_message()
