@@ -19,6 +19,7 @@ from typing import Final, Literal
 
 from bench._fake_world import FakeWorld, Scenario
 from tests.e2e_harness import LLM_KEY, BotProcess
+from tests.fakes.feishu_server import FakeFeishu
 from tests.helpers import bot_environment, write_settings
 
 BotKind = Literal["bot", "reference", "nonstreaming"]
@@ -70,6 +71,11 @@ def _bot_settings(workdir: Path, world: FakeWorld, scenario: Scenario) -> Path:
     )
 
 
+def feishu_options(fs: FakeFeishu) -> list[str]:
+    """The command-line options that point a bench bot at the fake Feishu ``fs``."""
+    return ["--domain", fs.domain, "--app-id", fs.app_id, "--app-secret", fs.app_secret]
+
+
 def start_bot(kind: BotKind, world: FakeWorld, scenario: Scenario, workdir: Path) -> BotProcess:
     """Start a bot of ``kind``; return once it is connected to the fake Feishu."""
     process: BotProcess
@@ -81,12 +87,7 @@ def start_bot(kind: BotKind, world: FakeWorld, scenario: Scenario, workdir: Path
             sys.executable,
             "-m",
             f"bench._{kind}_bot",
-            "--domain",
-            fs.domain,
-            "--app-id",
-            fs.app_id,
-            "--app-secret",
-            fs.app_secret,
+            *feishu_options(fs),
             "--llm-base-url",
             world.llm.base_url,
             "--llm-key",

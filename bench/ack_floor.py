@@ -34,7 +34,7 @@ from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._bots import READY_TIMEOUT_S, BotKind, CommandProcess, start_bot
+from bench._bots import READY_TIMEOUT_S, BotKind, CommandProcess, feishu_options, start_bot
 from bench._burst import _events, _message_ids, _questions, _send, _wait_done
 from bench._fake_world import FakeWorld, Scenario, fake_world, start_round_trips
 from bench._stats import percentile
@@ -54,17 +54,7 @@ def _start(receiver: str, world: FakeWorld, scenario: Scenario, workdir: Path) -
         start_round_trips(world, scenario)
         return process
     fs = world.fs
-    command = [
-        sys.executable,
-        "-m",
-        "bench._sdk_floor_bot",
-        "--domain",
-        fs.domain,
-        "--app-id",
-        fs.app_id,
-        "--app-secret",
-        fs.app_secret,
-    ]
+    command = [sys.executable, "-m", "bench._sdk_floor_bot", *feishu_options(fs)]
     if receiver == "sdk_journal":
         command += ["--journal", str(workdir / "journal.db")]
     process = CommandProcess(workdir, command).start()

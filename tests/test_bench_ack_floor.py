@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench._bots import CommandProcess
+from bench._bots import CommandProcess, feishu_options
 from bench._burst import _events, _questions, _send
 from bench._fake_world import Scenario, fake_world
 from bot.store.sqlite import SQLiteStore
@@ -37,8 +37,7 @@ def test_the_sdk_floor_receiver_journals_every_event_before_its_ack(tmp_path: Pa
     journal = tmp_path / "journal.db"
     with fake_world(Scenario(), feishu_limits=False) as world:
         fs = world.fs
-        command = [sys.executable, "-m", "bench._sdk_floor_bot", "--domain", fs.domain]
-        command += ["--app-id", fs.app_id, "--app-secret", fs.app_secret]
+        command = [sys.executable, "-m", "bench._sdk_floor_bot", *feishu_options(fs)]
         process = CommandProcess(tmp_path, [*command, "--journal", str(journal)]).start()
         try:
             process.wait_for_event("bot_ready", timeout=60)

@@ -129,6 +129,18 @@ class Feed:
             yield event
 
 
+async def _first_words_shown(
+    setup: Setup, words: str
+) -> tuple[ReplyTarget, Feed, asyncio.Task[StreamedReply]]:
+    """Start an answer the test feeds, and wait until its first ``words`` are in the card."""
+    feed = Feed()
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, feed.events()))
+    feed.put(ReplyDelta(words))
+    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    return target, feed, streaming
+
+
 #: the REST timeout of the replier in the tests below that make the final call time out
 SHORT_TIMEOUT_S = 0.3
 
@@ -273,11 +285,7 @@ async def test_a_final_batch_update_that_keeps_failing_sends_the_answer_as_a_mes
 ) -> None:
     async with _quick_setup(fake, attempts=2) as setup:
         _fail_call(setup.fs, "card_batch_update", fault, times=None)
-        feed = Feed()
-        target = setup.user_message()
-        streaming = asyncio.create_task(setup.stream(target, feed.events()))
-        feed.put(ReplyDelta("Never lost, "))
-        await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+        target, feed, streaming = await _first_words_shown(setup, "Never lost, ")
         feed.put(ReplyFinished("Never lost, only moved."))
         feed.put(None)
         result = await asyncio.wait_for(streaming, 30)
@@ -301,11 +309,7 @@ async def test_a_final_batch_update_that_keeps_failing_sends_the_answer_as_a_mes
 async def test_cardkit_permission_withdrawn_before_the_end_sends_the_answer_as_a_message(
     setup: Setup,
 ) -> None:
-    feed = Feed()
-    target = setup.user_message()
-    streaming = asyncio.create_task(setup.stream(target, feed.events()))
-    feed.put(ReplyDelta("Half of it"))
-    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    target, feed, streaming = await _first_words_shown(setup, "Half of it")
     for endpoint in ("card_batch_update", "card_element_content", "card_settings"):
         setup.fs.fail(endpoint, "no_permission_cardkit", times=None)
     feed.put(ReplyFinished("Half of it, and the rest."))
@@ -485,11 +489,7 @@ async def test_when_the_plain_card_cannot_be_updated_the_answer_follows_as_a_mes
 async def test_a_rate_limited_update_pauses_updates_and_the_final_text_still_lands(
     setup: Setup,
 ) -> None:
-    feed = Feed()
-    target = setup.user_message()
-    streaming = asyncio.create_task(setup.stream(target, feed.events()))
-    feed.put(ReplyDelta("one "))
-    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    target, feed, streaming = await _first_words_shown(setup, "one ")
     setup.fs.fail("card_element_content", "rate_limited", headers={"x-ogw-ratelimit-reset": "30"})
     feed.put(ReplyDelta("two "))
     await setup.fs.wait_for_calls("card_element_content", 2, timeout=10)
@@ -509,11 +509,7 @@ async def test_an_update_lost_mid_answer_is_made_good_by_the_next_and_the_end(
     fake: FakeFeishuThread, fault: str
 ) -> None:
     async with _quick_setup(fake) as setup:
-        feed = Feed()
-        target = setup.user_message()
-        streaming = asyncio.create_task(setup.stream(target, feed.events()))
-        feed.put(ReplyDelta("one "))
-        await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+        target, feed, streaming = await _first_words_shown(setup, "one ")
         _fail_call(setup.fs, "card_element_content", fault, times=1)
         feed.put(ReplyDelta("two "))
         await setup.fs.wait_for_calls("card_element_content", 2, timeout=10)
@@ -789,11 +785,7 @@ async def test_the_footer_shows_in_the_plain_card_and_text_fallbacks_too(setup: 
 async def test_the_first_text_of_an_answer_of_the_model_is_timed_once(setup: Setup) -> None:
     metrics = Metrics()
     setup.use_replier(metrics=metrics)
-    feed = Feed()
-    target = setup.user_message()
-    streaming = asyncio.create_task(setup.stream(target, feed.events()))
-    feed.put(ReplyDelta("first words"))
-    await setup.fs.wait_for_calls("card_element_content", 1, timeout=10)
+    _, feed, streaming = await _first_words_shown(setup, "first words")
     feed.put(ReplyDelta(", more words"))
     feed.put(ReplyFinished("first words, more words", info=INFO))
     feed.put(None)
