@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.chat.pacing import ModelRequestsFirst
 from bot.chat.replies import ReplyDelta, ReplyEvent, ReplyFinished
 from bot.llm.keypool import key_id_of
 from bot.logging import configure_logging
@@ -530,3 +531,54 @@ async def test_no_key_appears_in_captured_logs(bot: ChatHarness, fake: FakeOpenA
     for secret in (KEY_A, KEY_B):
         assert secret not in output
         assert secret[-12:] not in output
+
+
+# ---- model requests first (bot/chat/pacing.py) -----------------------------------------------
+
+
+async def test_an_answer_is_preparing_until_its_model_request_goes_out(
+    bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    bot.service.requests_first = ModelRequestsFirst(max_wait_s=60)
+    held = fake.hold_next()  # the model's first token waits
+    reply = bot.service.handle(bot.message("hello"))
+    assert bot.service.requests_first.preparing_now == 1
+    answering = asyncio.create_task(collect(reply))
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    await asyncio.wait_for(bot.service.requests_first.wait(), 10)
+    assert bot.service.requests_first.preparing_now == 0  # before any text came
+    held.release()
+    answer = await asyncio.wait_for(answering, 10)
+    assert answer.finished is not None
+
+
+async def test_a_message_waiting_for_the_one_before_it_is_not_preparing_yet(
+    bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    gate = bot.service.requests_first = ModelRequestsFirst(max_wait_s=60)
+    held = fake.hold_next()
+    first = asyncio.create_task(collect(bot.service.handle(bot.message("one"))))
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    await asyncio.wait_for(gate.wait(), 10)
+    second = bot.service.handle(bot.message("two"))  # same conversation: waits for "one"
+    assert gate.preparing_now == 0
+    held.release()
+    await asyncio.wait_for(first, 10)
+    assert (await asyncio.wait_for(collect(second), 10)).finished is not None
+    assert gate.preparing_now == 0
+
+
+async def test_replies_that_end_without_a_model_request_are_not_left_preparing(
+    bot: ChatHarness, fake: FakeOpenAI
+) -> None:
+    gate = bot.service.requests_first
+    await bot.ask("/help")  # a command: no model request at all
+    assert gate.preparing_now == 0
+    never_started = bot.service.handle(bot.message("hello"))
+    assert gate.preparing_now == 1
+    await never_started.aclose()  # closed before it was iterated (a shutdown)
+    assert gate.preparing_now == 0
+    fake.script(KEY_A, persistent=server_error())
+    fake.script(KEY_B, persistent=server_error())
+    assert (await bot.ask("fails")).failed is not None
+    assert gate.preparing_now == 0

@@ -595,6 +595,31 @@ async def test_a_resumed_answer_is_written_into_the_same_card(setup: Setup) -> N
     assert len(setup.fs.calls_to("card_create")) == 1
 
 
+async def test_a_new_card_waits_for_the_model_requests_a_resumed_card_does_not(
+    setup: Setup,
+) -> None:
+    asked, go = asyncio.Event(), asyncio.Event()
+
+    async def requests_first() -> None:
+        asked.set()
+        await go.wait()
+
+    setup.use_replier(before_new_card=requests_first)
+    target = setup.user_message()
+    streaming = asyncio.create_task(setup.stream(target, answer("After ", "the request.")))
+    await asyncio.wait_for(asked.wait(), 10)
+    assert setup.fs.calls_to("card_create") == []  # the model request goes first
+    go.set()
+    await asyncio.wait_for(streaming, 10)
+    assert setup.card_text(target) == "After the request."
+    asked.clear()
+    go.clear()  # a resumed answer's card exists: it is reused at once
+    resumed = DeliveryRecord.from_json(setup.saved[-1])
+    result = await setup.stream(target, answer("Again."), resumed)
+    assert (result.outcome, asked.is_set()) == ("complete", False)
+    assert len(setup.fs.calls_to("card_create")) == 1
+
+
 async def test_cards_a_resumed_answer_no_longer_needs_are_closed_with_a_note(
     setup: Setup,
 ) -> None:

@@ -9,7 +9,7 @@ saved twice.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from bot.chat.ordering import Place
@@ -120,7 +120,13 @@ class Reply:
         self._events = events
         self._place = place
         self._store = store
+        self._on_close: list[Callable[[], None]] = []
         self.final: ReplyFinished | ReplyFailed | None = None
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the reply is closed (committed or not), even if it never
+        started."""
+        self._on_close.append(callback)
 
     @property
     def queued(self) -> bool:
@@ -167,3 +173,5 @@ class Reply:
                 await aclose()
         finally:
             self._place.finish()
+            for callback in self._on_close:
+                callback()

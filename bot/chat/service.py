@@ -35,6 +35,7 @@ from bot.chat.media import (
     sniff_image_type,
 )
 from bot.chat.ordering import ConversationQueue, Place
+from bot.chat.pacing import ModelRequestsFirst, Preparing
 from bot.chat.personas import Persona, PersonaBook
 from bot.chat.replies import (
     AnswerInfo,
@@ -57,7 +58,14 @@ from bot.errors import (
     RequestRejected,
 )
 from bot.keyshapes import is_key_message
-from bot.llm.events import ChatMessage, Completed, StreamEvent, TextDelta, TokenUsage
+from bot.llm.events import (
+    ChatMessage,
+    Completed,
+    RequestSent,
+    StreamEvent,
+    TextDelta,
+    TokenUsage,
+)
 from bot.logging import contains_api_key, get_logger
 from bot.store import Store, Turn, TurnStatus, UsageRecord
 from bot.timing import Clock
@@ -172,6 +180,8 @@ class ConversationService:
         self.media = media
         #: where drawn images are published; set by the transport (None: /draw is refused)
         self.images: ImageHost | None = None
+        #: the answers preparing a model request right now (a transport's cards may wait)
+        self.requests_first = ModelRequestsFirst()
 
     def help_for(self, user_ids: Sequence[str]) -> str:
         """The help as this user should see it (admin commands only for admins)."""
@@ -191,14 +201,28 @@ class ConversationService:
     def handle(self, message: IncomingMessage) -> Reply:
         """Queue ``message`` in its conversation and return its reply events."""
         place = self._queue.take_place(message.conversation_id)
-        return Reply(self._answer(message, place), place, self._store)
+        # Preparing from now, unless an earlier message of the conversation goes first.
+        preparing = None if place.waiting else self.requests_first.preparing()
+        reply = Reply(self._answer(message, place, preparing), place, self._store)
+        if preparing is not None:
+            reply.on_close(preparing.done)
+        return reply
 
-    async def _answer(self, message: IncomingMessage, place: Place) -> AsyncIterator[ReplyEvent]:
+    async def _answer(
+        self, message: IncomingMessage, place: Place, preparing: Preparing | None
+    ) -> AsyncIterator[ReplyEvent]:
         await place.wait()
-        async for event in self._respond(message):
-            yield event
+        preparing = preparing or self.requests_first.preparing()
+        try:
+            async for event in self._respond(message, preparing):
+                yield event
+        finally:
+            preparing.done()
 
-    async def _respond(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+    async def _respond(
+        self, message: IncomingMessage, preparing: Preparing
+    ) -> AsyncIterator[ReplyEvent]:
+        """The reply events; ``preparing`` is done once the model request goes out."""
         bound = log.bind(conversation=message.conversation_id, message_id=message.message_id)
         asker = Asker(message.conversation_id, message.chat_id, message.user_id, message.user_ids)
         text = message.text.strip()
@@ -316,6 +340,7 @@ class ConversationService:
                     message,
                     prompt,
                     bound,
+                    preparing,
                     model=model,
                     persona=persona,
                     note=note,
@@ -393,6 +418,7 @@ class ConversationService:
         message: IncomingMessage,
         prompt: list[ChatMessage],
         bound: BoundLogger,
+        preparing: Preparing,
         *,
         model: str | None,
         persona: Persona,
@@ -402,7 +428,7 @@ class ConversationService:
     ) -> AsyncIterator[ReplyEvent]:
         """Stream the answer; ``note`` is shown under it, before any note of how it ended.
         ``remembered`` is the question as the history keeps it; the answer's commit releases
-        the held attachments ``release``."""
+        the held attachments ``release``; ``preparing`` is done as the request goes out."""
         answer = ""
         key_id = ""
         stream = self._llm.stream(
@@ -410,7 +436,9 @@ class ConversationService:
         )
         try:
             async for event in stream:
-                if isinstance(event, TextDelta):
+                if isinstance(event, RequestSent):
+                    preparing.done()
+                elif isinstance(event, TextDelta):
                     answer += event.text
                     yield ReplyDelta(event.text)
                 elif isinstance(event, Completed):

@@ -140,6 +140,7 @@ class FeishuGateway:
             footer=self._settings.chat.footer,
             metrics=self._metrics,
             formulas=FormulaImages(media) if self._settings.media.formulas else None,
+            before_new_card=self._core.service.requests_first.wait,
         )
         self._answerer = Answerer(
             self._settings,

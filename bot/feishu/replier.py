@@ -193,9 +193,13 @@ class CardReplier:
         footer: FooterMode = "short",
         metrics: Metrics | None = None,
         formulas: FormulaImages | None = None,
+        before_new_card: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``before_new_card`` is awaited before a reply's first card is created (the
+        service's :meth:`bot.chat.pacing.ModelRequestsFirst.wait`: model requests first)."""
         self._api = api
         self._formulas = formulas
+        self._before_new_card = before_new_card
         self._interval = update_interval_s
         self._limit = card_limit_bytes
         self._clock = clock
@@ -265,6 +269,8 @@ class CardReplier:
     ) -> StreamedReply:
         result = StreamedReply(text="", outcome="complete")
         index = 0
+        if self._before_new_card is not None and not record.cards:
+            await self._before_new_card()
         while True:
             card = await self._open(target, record, index, state.initial_text(), persist)
             if card is None:  # no card can be shown now: send the rest as text once complete

@@ -44,6 +44,7 @@ from bot.llm.events import (
     Completed,
     DrawnImage,
     Emit,
+    RequestSent,
     StreamEvent,
     TextDelta,
     TokenUsage,
@@ -151,7 +152,8 @@ class LLMClient:
         temperature: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Stream the answer to ``messages`` as :class:`TextDelta` events ending in
-        :class:`Completed`; :class:`WaitingForKey` when every key is cooling.
+        :class:`Completed`; :class:`WaitingForKey` when every key is cooling,
+        :class:`RequestSent` as each attempt's request goes out.
 
         Raises :class:`~bot.errors.AllKeysUnavailable`, :class:`~bot.errors.RequestRejected`,
         :class:`~bot.errors.ReplyInterrupted` (text was already streamed) or
@@ -267,6 +269,7 @@ class LLMClient:
             body = {**request, "stream": True}
             if self.include_usage:
                 body["stream_options"] = {"include_usage": True}
+            emit(RequestSent())
             stream = await open_chat_stream(self._client, body, api_key=lease.secret)
             return await self._read_until_text(lease, stream)
         except BaseException as exc:

@@ -48,6 +48,12 @@ class WaitingForKey:
 
 
 @dataclass(frozen=True)
+class RequestSent:
+    """A request is going out to the model (before each attempt's POST): the answer's text
+    comes after the model's own time to the first token."""
+
+
+@dataclass(frozen=True)
 class Completed:
     """The answer is complete."""
 
@@ -56,7 +62,7 @@ class Completed:
     finish_reason: str | None
 
 
-StreamEvent = TextDelta | WaitingForKey | Completed
+StreamEvent = TextDelta | WaitingForKey | RequestSent | Completed
 Emit = Callable[[StreamEvent], None]
 
 
