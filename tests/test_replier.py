@@ -141,8 +141,8 @@ async def _first_words_shown(
     return target, feed, streaming
 
 
-#: the REST timeout of the replier in the tests below that make the final call time out
-SHORT_TIMEOUT_S = 0.3
+#: the REST timeout of the fault tests below (their held calls time out after it)
+SHORT_TIMEOUT_S = 0.5
 
 
 #: every way a REST call can fail but a missing permission (final, tested on its own)

@@ -624,8 +624,9 @@ class _CardKitCard(_SentCardBase):
     async def _end_in_one_call(self, text: str) -> bool:
         """Put ``text`` and end streaming in one batch update; False when the batch update was
         refused with a final error (the caller then makes the two calls). A failure that
-        outlasted the call's retries (5xx, timeouts, rate limits) is raised: two calls would fare
-        no better."""
+        outlasted the call's retries (5xx, timeouts, rate limits) is raised: a final text then
+        goes out as a message rather than wait for two more calls, a closing note still tries
+        them."""
         if not self._one_call_end.usable:
             return False
         card_id = self._sent.card_id
