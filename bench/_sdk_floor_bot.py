@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 import time
@@ -27,15 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench._reference_bot import emit
 from bot import runtime
 from bot.feishu import sdk_compat
 from bot.feishu.gateway import ARRIVAL_TIMEOUT_S
 from bot.store.sqlite import SQLiteStore
-
-
-def emit(event: str, **fields: Any) -> None:
-    """One JSON line on stdout (what the benchmark reads)."""
-    print(json.dumps({"event": event, **fields}), flush=True)
 
 
 def parse_options(argv: Sequence[str]) -> argparse.Namespace:

@@ -98,15 +98,23 @@ def fake() -> Iterator[FakeFeishuThread]:
         yield running
 
 
-@pytest.fixture
-async def setup(fake: FakeFeishuThread) -> AsyncIterator[Setup]:
+@contextlib.asynccontextmanager
+async def _setup_on(fake: FakeFeishuThread, **api_options: Any) -> AsyncIterator[Setup]:
+    """A replier on ``fake`` whose retry waits are recorded, not waited; ``api_options`` go to
+    :func:`tests.feishu_clients.feishu_api` (``timeout_s``, ``attempts``)."""
     sleeps: list[float] = []
 
     async def no_wait(seconds: float) -> None:
         sleeps.append(seconds)
 
-    async with feishu_api(fake, sleep=no_wait) as api:
+    async with feishu_api(fake, sleep=no_wait, **api_options) as api:
         yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps, api)
+
+
+@pytest.fixture
+async def setup(fake: FakeFeishuThread) -> AsyncIterator[Setup]:
+    async with _setup_on(fake) as made:
+        yield made
 
 
 async def answer(*parts: str, note: str | None = None) -> AsyncIterator[ReplyEvent]:
@@ -163,16 +171,11 @@ def _fail_call(fs: FakeFeishu, target: str, fault: str, *, times: int | None) ->
         raise AssertionError(fault)
 
 
-@contextlib.asynccontextmanager
-async def _quick_setup(fake: FakeFeishuThread, *, attempts: int = 4) -> AsyncIterator[Setup]:
+def _quick_setup(
+    fake: FakeFeishuThread, *, attempts: int = 4
+) -> contextlib.AbstractAsyncContextManager[Setup]:
     """A setup whose calls time out after :data:`SHORT_TIMEOUT_S`."""
-    sleeps: list[float] = []
-
-    async def no_wait(seconds: float) -> None:
-        sleeps.append(seconds)
-
-    async with feishu_api(fake, timeout_s=SHORT_TIMEOUT_S, attempts=attempts, sleep=no_wait) as api:
-        yield Setup(fake, CardReplier(api, update_interval_s=0.01), sleeps, api)
+    return _setup_on(fake, timeout_s=SHORT_TIMEOUT_S, attempts=attempts)
 
 
 # ---- the happy path --------------------------------------------------------------------------

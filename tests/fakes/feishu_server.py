@@ -1089,6 +1089,13 @@ class _Reply:
     """Send nothing: abort the connection instead (:meth:`FakeFeishu.cut`)."""
 
 
+def _cut_connection(request: web.Request) -> web.StreamResponse:
+    """Abort ``request``'s connection; the response returned is never sent."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=500)
+
+
 def _ok(data: JSONDict | None = None, **top: Any) -> _Reply:
     body: JSONDict = {"code": 0, "msg": "success"}
     if data is not None:
@@ -1935,9 +1942,7 @@ class FakeFeishu(ServerLifecycle):
         with self._lock:
             issued = self._tickets.pop(device_id, None)
         if injected is not None and injected.cut:
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=500)  # never sent: the connection is gone
+            return _cut_connection(request)
         if injected is None and (issued is None or issued[0] != ticket):
             injected = _Reply(status=403, body={"code": 403, "msg": "unknown device_id or ticket"})
         if injected is not None:
@@ -2150,12 +2155,10 @@ class FakeFeishu(ServerLifecycle):
         call = self._record_call(request, endpoint, params, body, files)
         reply = await self._apply_faults(call)
         if reply is not None and reply.cut:
-            if request.transport is not None:
-                request.transport.abort()
             with self._lock:
                 call.finished_at = time.monotonic()
             self._notifier.notify()
-            return web.Response(status=500)  # never sent: the connection is gone
+            return _cut_connection(request)
         if reply is None:
             with self._lock:
                 reply = self._auth_check(call) or self._dispatch(call)
