@@ -34,7 +34,7 @@ from bench._fake_world import (
     fake_world,
     start_round_trips,
 )
-from bench._procstat import peak_rss_mib, process_cpu_s
+from bench._procstat import tree_cpu_s, tree_peak_mib
 from tests.e2e_harness import BotProcess
 from tests.fakes.feishu_server import FakeFeishu, RestCall
 
@@ -353,7 +353,7 @@ def run_burst(
             events = _events(fs, f"c{n}", questions)
             pid = bot_pid(process)
             health = FakeHealth(world)
-            cpu_before = process_cpu_s(pid)
+            cpu_before = tree_cpu_s(pid)
             health.start()
             frames = _send(world, events)
             message_ids = _message_ids(world, frames)
@@ -361,9 +361,9 @@ def run_burst(
             if process.exited():
                 tail = "\n".join(process.output.splitlines()[-20:])
                 raise RuntimeError(f"the {kind} bot exited during the burst:\n{tail}")
-            cpu_s = process_cpu_s(pid) - cpu_before
+            cpu_s = tree_cpu_s(pid) - cpu_before
             report = health.stop()
-            rss = peak_rss_mib(pid)
+            rss = tree_peak_mib(pid)
             calls = fs.calls_to(since=mark)
             accepted = {
                 str(r.get("message_id")): float(r["accepted_at"])

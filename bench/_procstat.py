@@ -2,6 +2,11 @@
 
 CPU times are user + system, in seconds (clock-tick resolution, usually 10 ms). Peak memory is
 ``VmHWM`` (the resident set's high-water mark) in MiB.
+
+A process's children count as its own: the bot forks its long connection into a child
+(bot/feishu/ingress.py). Their CPU time is added, and so is the memory only they hold
+(``Private_Clean`` + ``Private_Dirty`` of ``smaps_rollup``): the pages a forked child still
+shares with the bot are in the bot's resident set already.
 """
 
 from __future__ import annotations
@@ -30,6 +35,39 @@ def _stat_cpu_s(path: Path) -> float:
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of all threads of ``pid`` so far."""
     return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4 of proc(5): ppid
+                found.append(int(entry.name))
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds so far of ``pid`` and its live children."""
+    return process_cpu_s(pid) + sum(process_cpu_s(child) for child in children(pid))
+
+
+def private_mib(pid: int) -> float:
+    """The memory only ``pid`` holds (private clean + dirty pages), in MiB."""
+    kib = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kib += int(line.split()[1])
+    return kib / 1024
+
+
+def tree_peak_mib(pid: int) -> float:
+    """``pid``'s peak resident memory plus what its live children hold privately now, in MiB."""
+    return peak_rss_mib(pid) + sum(private_mib(child) for child in children(pid))
 
 
 def thread_cpu_s(native_id: int) -> float:

@@ -1,15 +1,17 @@
 """Print where a burst's ACK latency comes from: machine, SDK, journal or the bot (issue 13).
 
-Four receivers of the same bursts on the same fakes, each in its own process, fresh per receiver:
+Five receivers of the same bursts on the same fakes, each in its own process, fresh per receiver:
 
 * ``reference``: bench/_reference_bot.py (its own aiohttp long-connection client, ACK at once,
   then it answers): the floor of the machine and the fakes, as in bench/concurrency.py;
-* ``sdk``: bench/_sdk_floor_bot.py, the SDK's ``FeishuChannel`` opened as the bot opens it, with
+* ``sdk``: bench/_sdk_floor_bot.py, the SDK's ``FeishuChannel`` on its own WebSocket thread, with
   a handler that does nothing: what the SDK itself costs between a frame and its ACK;
-* ``sdk_journal``: the same, journaling every event on the WebSocket thread before its ACK as the
-  bot does (the bot's SQLite store): the journal's share;
-* ``bot``: ``python -m bot run``, which also answers every message on its loop meanwhile (the
-  WebSocket thread shares the GIL with that loop).
+* ``ws`` and ``ws_journal``: the SDK's bare WebSocket client without the channel, with a handler
+  that returns at once (``ws``) or the bot's own long-connection handler, which journals every
+  message event (``ws_journal``): the floor of the bot's long-connection process;
+* ``bot``: ``python -m bot run``, which answers every message meanwhile; its long connection
+  and journal run in a process of their own (bot/feishu/ingress.py), so its floor is
+  ``ws_journal``'s.
 
 A burst is ``n`` p2p text messages sent back to back (bench/_burst.py's sending: one frame after
 the other, as fast as the socket takes them); between bursts the answering receivers finish
@@ -18,7 +20,7 @@ their answers. ``ack`` is frame sent -> ACK back (the fake's ``AckRecord.latency
 Output: ``ack_floor.<receiver>.c<n>.<measure> value unit`` lines: ``ack_p50`` and ``ack_p99`` (the
 median over the bursts), ``ack_p99_min`` / ``ack_p99_max`` (their spread), then
 ``ack_p99_vs_reference`` (median over median). Numbers only, no thresholds. Options:
-``--concurrency 200``, ``--bursts 3``, ``--receivers reference,sdk,sdk_journal,bot``.
+``--concurrency 200``, ``--bursts 3``, ``--receivers reference,sdk,ws,ws_journal,bot``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from bench._fake_world import FakeWorld, Scenario, fake_world, start_round_trips
 from bench._stats import percentile
 from tests.e2e_harness import BotProcess
 
-RECEIVERS: Final = ("reference", "sdk", "sdk_journal", "bot")
+RECEIVERS: Final = ("reference", "sdk", "ws", "ws_journal", "bot")
 #: the receivers that answer what they receive (bench/_bots.py starts them)
 ANSWERING: Final[dict[str, BotKind]] = {"reference": "reference", "bot": "bot"}
 ACK_TIMEOUT_S = 60.0
@@ -55,7 +57,9 @@ def _start(receiver: str, world: FakeWorld, scenario: Scenario, workdir: Path) -
         return process
     fs = world.fs
     command = [sys.executable, "-m", "bench._sdk_floor_bot", *feishu_options(fs)]
-    if receiver == "sdk_journal":
+    if receiver.startswith("ws"):
+        command.append("--raw")
+    if receiver.endswith("_journal"):
         command += ["--journal", str(workdir / "journal.db")]
     process = CommandProcess(workdir, command).start()
     try:

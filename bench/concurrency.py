@@ -39,9 +39,11 @@ What the measures are (latencies in seconds from the moment the fake sent the ev
   ``feishu_rate_limited``: calls refused with 429 / 99991400 (only ``--feishu-limits`` refuses);
   ``log_*``: how often this bot logged an event ACKed before its journal write
   (``arrival_not_journaled``), a retried Feishu call, a skipped card update;
-* ``cpu_per_answer``: the bot process's user + system CPU over the burst / answers;
-  ``rss_peak``: its VmHWM, next to ``floor.rss_import_lark_oapi_openai``, the peak RSS of a
-  process that only imports lark_oapi and openai;
+* ``cpu_per_answer``: the bot's user + system CPU over the burst / answers, its child
+  processes' included (the bot's long-connection process);
+  ``rss_peak``: its VmHWM plus the memory its children hold privately (bench/_procstat.py),
+  next to ``floor.rss_import_lark_oapi_openai``, the peak RSS of a process that only imports
+  lark_oapi and openai;
 * the fakes' health (they are two threads of this process, sharing one GIL; a bot can look no
   better than they are): ``fake_*_cpu`` and ``bench_process_cpu`` in cores over the burst,
   ``fake_*_lag``: how late their event loops ran a callback posted every 50 ms,

@@ -180,13 +180,18 @@ def _run(args: argparse.Namespace) -> int:
     settings, _ = load(args)
     settings.require_feishu_credentials()
     redactor = setup_logging(args, settings)
+    from bot.feishu.ingress import IngressConfig, IngressProcess
     from bot.feishu.runner import serve  # imports the Feishu SDK, which takes a moment
 
+    # Forked now: one thread, the SDK imported (see bot.feishu.ingress).
+    ingress = IngressProcess.fork(IngressConfig.from_settings(settings))
     try:
-        asyncio.run(serve(settings, redactor))
+        asyncio.run(serve(settings, redactor, ingress))
     except FeishuConnectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        ingress.close()
     return EXIT_OK
 
 

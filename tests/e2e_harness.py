@@ -92,6 +92,12 @@ class BotProcess:
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
+    def children(self) -> list[int]:
+        """The pids of the bot's live child processes (its long connection's)."""
+        assert self.process is not None
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
     def signal(self, number: int) -> None:
         assert self.process is not None
         self.process.send_signal(number)

@@ -1,12 +1,15 @@
 """The Feishu gateway: the SDK's ``FeishuChannel`` wrapped thinly around the answer jobs.
 
-Threads and loops: the channel runs the WebSocket on its own thread and hands each message to
-our handler on its background loop (``lark-channel-bg``) after the ACK was already scheduled.
-The handler does one atomic store write (accept: dedup mark + inbox record) and passes the
-message to the bot's loop, where :class:`bot.feishu.answerer.Answerer` answers it. So the
-WebSocket is never blocked, every message is answered once (the acceptance gate is persistent,
-across restarts), and none is lost (the inbox is replayed at start). The channel's own dedup
-lookups are answered from memory (its default): the accept write is the real gate.
+Processes, threads and loops: the long connection lives in a process of its own
+(:mod:`bot.feishu.ingress`), which journals every message event and acknowledges it there, so
+the ACK never waits for the GIL this process's answers hold. Its events reach the channel's
+dispatcher on the channel's start thread, exactly as from the SDK's WebSocket client, and the
+channel hands each message to our handler on its background loop (``lark-channel-bg``). The
+handler does one atomic store write (accept: dedup mark + inbox record) and passes the message
+to the bot's loop, where :class:`bot.feishu.answerer.Answerer` answers it. So the WebSocket is
+never blocked, every message is answered once (the acceptance gate is persistent, across
+restarts), and none is lost (the journal and the inbox are replayed at start). The channel's
+own dedup lookups are answered from memory (its default): the accept write is the real gate.
 
 The tenant token is fetched and refreshed ahead of expiry on a worker thread
 (:class:`bot.feishu.token_keeper.TenantTokenKeeper`), so no REST call on any loop ever waits for
@@ -32,6 +35,7 @@ from bot.feishu import http_pool, sdk_compat
 from bot.feishu.answerer import Answerer
 from bot.feishu.api import FeishuApi
 from bot.feishu.formula_images import FormulaImages
+from bot.feishu.ingress import ChildWsClient, IngressProcess
 from bot.feishu.key_notices import KeyNotices
 from bot.feishu.media import FeishuMedia
 from bot.feishu.messages import FeishuMessage, from_inbound
@@ -52,8 +56,6 @@ log = get_logger(__name__)
 ACCEPT_TTL_S = 7 * 24 * 3600
 #: seconds one Feishu REST call on the answer path may take before it is retried
 REST_TIMEOUT_S = 10.0
-#: the longest the WebSocket thread waits for the arrival journal before acknowledging anyway
-ARRIVAL_TIMEOUT_S = 0.5
 
 #: the long connection's state, as the SDK reported it last
 ConnectionState = Literal["connecting", "connected", "reconnecting", "stopped"]
@@ -66,6 +68,7 @@ class FeishuGateway:
         self,
         settings: Settings,
         core: Core,
+        ingress: IngressProcess,
         *,
         clock: Clock = time.time,
         on_lost: Callable[[], None] | None = None,
@@ -86,6 +89,8 @@ class FeishuGateway:
         self._welcomer: Welcomer | None = None
         self._greetings: set[asyncio.Task[None]] = set()
         self._on_lost = on_lost
+        self._ingress = ingress
+        self._restore_ws_client: Callable[[], None] | None = None
         self.lost_reason = ""  # set when the connection is gone for good
         self._watchdog: asyncio.Task[None] | None = None
         self._left_over: list[InboxEntry] = []
@@ -201,6 +206,9 @@ class FeishuGateway:
                 if self._http is not None:
                     await self._http.aclose()
         finally:
+            if self._restore_ws_client is not None:
+                self._restore_ws_client()
+                self._restore_ws_client = None
             if self._transport is not None:
                 await self._transport.aclose()
             if self._tokens is not None:
@@ -233,7 +241,12 @@ class FeishuGateway:
             safety=SafetyConfig(text_batch=TextBatchConfig(delay_ms=0)),
             name_lookup=_no_name_lookup,
         )
-        sdk_compat.hook_message_events(channel, self._journal_arrival)
+        # The long-connection process journals and acknowledges; the channel gets its events.
+        self._restore_ws_client = sdk_compat.use_ws_client(
+            lambda *args, **kwargs: ChildWsClient(
+                self._ingress, self._ingress_exited, *args, **kwargs
+            )
+        )
         # Called on the WebSocket thread: hand over to the bot's loop.
         sdk_compat.handle_p2p_chat_entered(
             channel,
@@ -264,13 +277,6 @@ class FeishuGateway:
         )
 
     # ---- inbound (on the channel's loop) -----------------------------------------------------
-
-    def _journal_arrival(self, message_id: str, event: str) -> None:
-        """On the WebSocket thread, before the ACK: journal the raw event (one bounded write),
-        so a crash between the ACK and the inbox write cannot lose it."""
-        store = self._core.store
-        if not store.record_arrival(message_id, event, self._clock(), timeout_s=ARRIVAL_TIMEOUT_S):
-            log.warning("arrival_not_journaled", message_id=message_id)
 
     async def _replay_arrivals(self) -> None:
         """Feed events a previous run acknowledged but never accepted through the channel again."""
@@ -340,11 +346,25 @@ class FeishuGateway:
         """The SDK stops reconnecting silently after a fatal answer: do not stay up deaf."""
         timeout = self._settings.feishu.reconnect_timeout_s
         await asyncio.sleep(timeout)
-        self.lost_reason = (
+        log.error("feishu_connection_lost", reconnect_timeout_s=timeout)
+        self._give_up(
             f"lost the connection to Feishu and could not reconnect within {timeout:g} s; "
             "check the network and the app's long-connection setting, then start the bot again"
         )
-        log.error("feishu_connection_lost", reconnect_timeout_s=timeout)
+
+    def _ingress_exited(self, status: str) -> None:
+        """On the channel's start thread: the long-connection process died on its own."""
+        self._loop.call_soon_threadsafe(
+            self._give_up,
+            f"the long-connection process ended unexpectedly ({status}); start the bot again "
+            "(what it had acknowledged is answered then)",
+        )
+
+    def _give_up(self, reason: str) -> None:
+        """The connection is gone for good: say why and stop the bot."""
+        if self.lost_reason or self.connection == "stopped":
+            return
+        self.lost_reason = reason
         if self._on_lost is not None:
             self._on_lost()
 

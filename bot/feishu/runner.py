@@ -27,6 +27,7 @@ from bot.app import Core, build_core
 from bot.config import Settings
 from bot.errors import FeishuConnectError, StoreError
 from bot.feishu.gateway import FeishuGateway
+from bot.feishu.ingress import IngressProcess
 from bot.llm.keypool import KeyPool
 from bot.llm.validation import KeyCheck
 from bot.logging import Redactor, get_logger
@@ -45,16 +46,17 @@ DAY_S = 86_400.0
 ARRIVALS_KEPT_S = 1800.0
 
 
-async def serve(settings: Settings, redactor: Redactor) -> None:
+async def serve(settings: Settings, redactor: Redactor, ingress: IngressProcess) -> None:
     """Run the Feishu bot until a stop signal; raise FeishuConnectError if it cannot connect,
-    StoreLocked if another bot uses the store."""
+    StoreLocked if another bot uses the store. The long connection is ``ingress``'s
+    (:mod:`bot.feishu.ingress`)."""
     stop = asyncio.Event()
     with signals.handling([signal.SIGINT, signal.SIGTERM], stop.set), _instance_lock(settings):
         core = await build_core(settings, redactor, metrics=Metrics())
         try:
             if not core.pool.keys():
                 log.warning("no_api_keys", hint="add llm.keys or OPENAI_API_KEYS")
-            gateway = FeishuGateway(settings, core, on_lost=stop.set)
+            gateway = FeishuGateway(settings, core, ingress, on_lost=stop.set)
             async with _ops_endpoints(settings, core, gateway):
                 await _serve(settings, core, gateway, stop)
         finally:

@@ -4,7 +4,7 @@ lark-oapi offers no public way to hand it a tenant access token that every clien
 process will use, nor to read when its cached token expires. The bot needs both to fetch the
 token off the event loop (see :mod:`bot.feishu.token_keeper`), so it reaches into the SDK here,
 and only here. Each access below says why it exists; on an SDK upgrade re-read the files named
-and run ``tests/test_token_keeper.py`` and ``tests/test_sdk_compat_journal.py``.
+and run ``tests/test_token_keeper.py``, ``tests/test_sdk_compat_replay.py`` and the slow suites.
 
 * **The token cache** (``lark_oapi/core/token/manager.py``): ``TokenManager.cache`` is a class
   attribute shared by every client of the process (``ClientBuilder.cache()`` replaces it for
@@ -34,24 +34,33 @@ and run ``tests/test_token_keeper.py`` and ``tests/test_sdk_compat_journal.py``.
   of every ``websockets.connect``; :func:`connect_without_compression` wraps it to add
   ``compression=None``. Re-check: the function's name and that ``_connect`` (which the
   reconnect path goes through) is still its only caller.
+* **The client's disconnect** (same file): ``Client._disconnect`` is the coroutine that closes
+  the connection, run on the client's loop; :func:`schedule_disconnect` schedules it there (the
+  client has no public stop). Re-check: its name and that it leaves ``_conn`` ``None``.
+* **The channel's WebSocket client class** (``lark_oapi/channel/channel.py``): ``start()`` makes
+  the long connection as ``WSClient(app_id, app_secret, log_level=…, event_handler=…, …)``,
+  a name the module imports from ``lark_oapi.ws.client``; it then calls the client's blocking
+  ``start()``, polls its ``_conn`` to learn that it is connected, sets ``on_reconnecting`` /
+  ``on_reconnected`` on it, and its ``stop()`` calls the client's ``stop()``.
+  :func:`use_ws_client` replaces that name, so :class:`bot.feishu.ingress.ChildWsClient` can
+  stand in for the SDK's client. Re-check: the imported name, the constructor's keywords, the
+  ``_conn`` poll in ``_wait_background_start_ready``, and the ``stop`` lookup in ``stop()``.
 * **The reconnect flag** (same file): ``Client._auto_reconnect`` is read after every dropped
   connection, and the channel's stop drops the connection on purpose;
   :func:`disable_auto_reconnect` clears it first so a stopping bot does not reconnect.
   Re-check: the attribute name and where ``start()`` / the receive loop read it.
-* **The channel's message-event entry** (``lark_oapi/channel/channel.py``):
-  ``FeishuChannel._on_p2_im_message_receive_v1`` is the synchronous handler the dispatcher calls
-  on the WebSocket thread *before* the ACK frame is sent; ``start()`` builds the dispatcher from
-  ``self._on_p2_im_message_receive_v1``, so an instance attribute set before ``start()`` wraps it
-  (:func:`hook_message_events`). ``_handle_message_event`` is the coroutine it schedules on the
-  channel's background loop; :func:`replay_message_event` feeds it a journaled event again.
-  Re-check: both names, that ``start()`` still calls ``_build_dispatcher()``, and that
-  ``lark_oapi.core.json.JSON`` still round-trips ``P2ImMessageReceiveV1``.
+* **The channel's message-event coroutine** (``lark_oapi/channel/channel.py``):
+  ``FeishuChannel._handle_message_event`` is the coroutine the channel schedules on its
+  background loop for every ``im.message.receive_v1`` event; :func:`replay_message_event`
+  feeds it a journaled event again. Re-check: its name, and that ``lark_oapi.core.json.JSON``
+  still round-trips ``P2ImMessageReceiveV1``.
 * **The dispatcher's entry** (``lark_oapi/event/dispatcher_handler.py``): the WebSocket client
   hands every event frame's payload (bytes, the ``{"schema", "header", "event"}`` envelope)
   to ``EventDispatcherHandler._do_without_validation``, which parses it and calls the
-  processor on the same thread; :func:`hook_message_events` wraps it on the built dispatcher
-  to journal those bytes instead of re-serialising the typed event. Re-check: the method's
-  name, that the WebSocket client still calls it, and that the processor runs synchronously.
+  processor on the same thread; the bot's long-connection process journals those bytes in a
+  handler of that name (:mod:`bot.feishu.ingress`), and its stand-in client in the channel
+  calls the channel's dispatcher by it. Re-check: the method's name, that the WebSocket client
+  still calls it for event frames, and that its return value becomes the ACK's data.
 * **The dispatcher's processor map** (``lark_oapi/event/dispatcher_handler.py``): the channel
   registers no handler for ``im.chat.access_event.bot_p2p_chat_entered_v1``, and an event
   without one is answered with an error. :func:`handle_p2p_chat_entered` wraps the channel's
@@ -70,7 +79,6 @@ import concurrent.futures
 import importlib.metadata
 import logging
 import re
-import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -227,51 +235,28 @@ def disable_auto_reconnect(ws_client: Any) -> None:
         ws_client._auto_reconnect = False
 
 
-def hook_message_events(channel: Any, hook: Callable[[str, str], None]) -> None:
-    """Call ``hook(message_id, event_json)`` for every ``im.message.receive_v1`` event, on the
-    WebSocket thread, before the channel schedules it and the SDK acknowledges it.
+def schedule_disconnect(
+    ws_client: Any, loop: asyncio.AbstractEventLoop
+) -> concurrent.futures.Future[None]:
+    """Close the SDK WebSocket client's connection on its ``loop`` (from another thread)."""
+    future: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
+        ws_client._disconnect(), loop
+    )
+    return future
 
-    ``event_json`` is the payload exactly as Feishu sent it (the dispatcher's input, kept aside
-    while it parses), so journaling costs no re-serialisation; an event that reaches the
-    channel some other way is serialised from its typed form. Call before the channel starts.
-    The hook must be quick (it delays the ACK) and must not raise; the event goes on to the
-    channel whatever it does.
-    """
-    from lark_oapi.core.json import JSON
 
-    original = channel._on_p2_im_message_receive_v1
-    arriving = threading.local()  # the payload the dispatcher is parsing on this thread
+def use_ws_client(factory: Callable[..., Any]) -> Callable[[], None]:
+    """Make every ``FeishuChannel`` started from now on build its long connection with
+    ``factory`` (called with the SDK client's arguments); return what undoes it."""
+    import lark_oapi.channel.channel as channel_module
 
-    def journaled(data: Any) -> None:
-        message = getattr(getattr(data, "event", None), "message", None)
-        message_id = getattr(message, "message_id", None)
-        if message_id:
-            try:
-                raw: bytes | None = getattr(arriving, "payload", None)
-                event = raw.decode("utf-8") if raw is not None else JSON.marshal(data) or ""
-                hook(str(message_id), event)
-            except Exception as exc:  # never let the journal stop an event
-                log.error("arrival_not_journaled", message_id=message_id, error=repr(exc))
-        original(data)
+    original = channel_module.WSClient
+    channel_module.WSClient = factory
 
-    channel._on_p2_im_message_receive_v1 = journaled
-    build_dispatcher = channel._build_dispatcher
+    def restore() -> None:
+        channel_module.WSClient = original
 
-    def build() -> Any:
-        dispatcher = build_dispatcher()
-        dispatch = dispatcher._do_without_validation
-
-        def keeping_payload(payload: bytes) -> Any:
-            arriving.payload = payload
-            try:
-                return dispatch(payload)
-            finally:
-                arriving.payload = None
-
-        dispatcher._do_without_validation = keeping_payload
-        return dispatcher
-
-    channel._build_dispatcher = build
+    return restore
 
 
 P2P_CHAT_ENTERED: Final = "im.chat.access_event.bot_p2p_chat_entered_v1"

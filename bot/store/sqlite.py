@@ -3,10 +3,10 @@
 Writes run on one dedicated thread that owns the writing connection, so coroutines from any
 event loop (the bot's, or the Feishu SDK's own) await them without blocking and writes never
 interleave. Reads run on the thread that asks, with that thread's own connection (see
-:meth:`SQLiteStore._run_read`); the arrival journal is a file of its own, written on the SDK's
-WebSocket thread (:meth:`SQLiteStore.record_arrival`). The schema version lives in
-``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it (a migration, once released, is never
-edited: changes go into a new one).
+:meth:`SQLiteStore._run_read`); the arrival journal is a file of its own
+(:mod:`bot.store.journal`), written before each ACK by the bot's long-connection process. The
+schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it (a migration,
+once released, is never edited: changes go into a new one).
 
 Writes that belong together (accepting a message, recording a delivered answer, setting an inbox
 row aside, pruning old turns with the sent messages of their time) run in one ``BEGIN IMMEDIATE``
@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -47,6 +47,7 @@ from bot.store.base import (
     UsageRecord,
 )
 from bot.store.crypto import KeyCipher, is_sealed, open_secret, seal_secret
+from bot.store.journal import INSERT_ARRIVAL, ArrivalJournal, connect_journal, journal_path
 from bot.timing import Clock
 
 T = TypeVar("T")
@@ -227,13 +228,12 @@ class SQLiteStore:
         self._clock = clock
         self._cipher = cipher
         self._executor: ThreadPoolExecutor | None = None
-        self._journal: sqlite3.Connection | None = None  # the arrival journal's own connection
+        self._journal: ArrivalJournal | None = None
         # Reads run on the thread that asks, each thread with a connection of its own (WAL lets
         # them read while the store thread writes): see _run_read.
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._on_reader = threading.local()
-        self._journal_lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -293,37 +293,21 @@ class SQLiteStore:
             connection.close()
             raise
         self._connection = connection
-        with self._journal_lock:
-            self._journal = journal
+        self._journal = ArrivalJournal(journal)
 
     @property
     def journal_path(self) -> Path:
         """The arrival journal's own database file, next to the store's."""
-        return self.path.with_name(self.path.name + ".arrivals")
+        return journal_path(self.path)
 
     def _open_journal(self, main: sqlite3.Connection) -> sqlite3.Connection:
         """Open (create, 0600) the arrival journal and move in what an older version journaled
         in the main database."""
-        path = self.journal_path
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(path, 0o600)
-        journal = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        journal = connect_journal(self.journal_path)
         try:
-            journal.execute("PRAGMA journal_mode=WAL")
-            journal.execute("PRAGMA synchronous=NORMAL")
-            journal.execute("PRAGMA busy_timeout=5000")
-            journal.execute(
-                "CREATE TABLE IF NOT EXISTS arrivals (message_id TEXT PRIMARY KEY,"
-                " event TEXT NOT NULL, received_at REAL NOT NULL)"
-            )
             older = main.execute("SELECT message_id, event, received_at FROM arrivals").fetchall()
             if older:
-                journal.executemany(
-                    "INSERT OR IGNORE INTO arrivals (message_id, event, received_at)"
-                    " VALUES (?, ?, ?)",
-                    [tuple(row) for row in older],
-                )
+                journal.executemany(INSERT_ARRIVAL, [tuple(row) for row in older])
                 main.execute("DELETE FROM arrivals")
         except BaseException:
             journal.close()
@@ -368,10 +352,9 @@ class SQLiteStore:
         log.info("keys_encrypted", count=len(plain), store=str(self.path))
 
     def _close_sync(self) -> None:
-        with self._journal_lock:
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -567,33 +550,23 @@ class SQLiteStore:
         """Blocking: journal a raw event before it is acknowledged; False if that failed or
         took longer than ``timeout_s``.
 
-        The journal is a database file of its own (``bot.db.arrivals``) with its own
-        connection, written on the calling thread (the SDK's WebSocket thread): an
-        acknowledgement never waits in the store thread's queue, nor for SQLite's write lock
-        on the main database, however many answers are being saved.
+        The journal is a database file of its own (:mod:`bot.store.journal`) with its own
+        connection, written on the calling thread: an acknowledgement never waits in the store
+        thread's queue, nor for SQLite's write lock on the main database, however many answers
+        are being saved. (The bot's long-connection process writes the same file with a
+        journal of its own, :mod:`bot.feishu.ingress`.)
         """
-        if not self._journal_lock.acquire(timeout=timeout_s):
+        journal = self._journal
+        if journal is None:  # not open, or closed
             return False
-        try:
-            if self._journal is None:  # not open, or closed
-                return False
-            self._journal.execute(
-                "INSERT OR IGNORE INTO arrivals (message_id, event, received_at) VALUES (?, ?, ?)",
-                (message_id, event, received_at),
-            )
-        except sqlite3.Error:
-            return False
-        finally:
-            self._journal_lock.release()
-        return True
+        return journal.record(message_id, event, received_at, timeout_s=timeout_s)
 
     async def arrivals(self) -> list[tuple[str, str]]:
         """Journaled events never accepted, oldest first: ``(message_id, event)``."""
         return await self._run(self._arrivals_sync)
 
     def _arrivals_sync(self) -> list[tuple[str, str]]:
-        with self._journal_lock:
-            journal = self._journaled()
+        with self._journaled() as journal:
             rows = journal.execute(
                 "SELECT message_id, event FROM arrivals ORDER BY received_at, rowid"
             ).fetchall()
@@ -613,8 +586,7 @@ class SQLiteStore:
         """Drop journaled events by id, and those received before ``before``."""
 
         def forget() -> int:
-            with self._journal_lock:
-                journal = self._journaled()
+            with self._journaled() as journal:
                 removed = journal.execute(
                     "DELETE FROM arrivals WHERE received_at < ?", (before,)
                 ).rowcount
@@ -626,10 +598,10 @@ class SQLiteStore:
 
         return await self._run(forget)
 
-    def _journaled(self) -> sqlite3.Connection:
+    def _journaled(self) -> AbstractContextManager[sqlite3.Connection]:
         if self._journal is None:
             raise StoreError("the store is not open")
-        return self._journal
+        return self._journal.connection()
 
     async def inbox_add(self, entry: InboxEntry) -> None:
         """Record a message awaiting its answer (idempotent per message id)."""

@@ -1,0 +1,125 @@
+"""The long connection's own process (bot/feishu/ingress.py), end to end: `python -m bot run`.
+
+The bot forks a process that holds the long connection, journals every message event and
+acknowledges it; these tests freeze, kill and restart the two processes around messages and
+check what Feishu saw (the ACKs), what the journal and the store hold, and what the user gets.
+
+Slow suite (`make test-all`): each test starts the real bot process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_harness import USER_A, BotProcess, World, make_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path)
+
+
+def journaled(world: World) -> list[str]:
+    path = world.workdir / "data" / "bot.db.arrivals"
+    with closing(sqlite3.connect(path)) as connection:
+        return [row[0] for row in connection.execute("SELECT message_id FROM arrivals")]
+
+
+def the_long_connection_process(bot: BotProcess) -> int:
+    """The pid of the bot's one child process (its long connection)."""
+    children = bot.children()
+    assert len(children) == 1, f"expected one long-connection process, found {children}"
+    return children[0]
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie nobody reaped yet has ended too)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_a_frozen_bot_still_acknowledges_and_journals_then_answers_once_thawed(
+    world: World,
+) -> None:
+    bot = world.start_bot()
+    the_long_connection_process(bot)
+    bot.signal(signal.SIGSTOP)  # the answering process holds still, as under a heavy load
+    try:
+        message = world.send("p2p_text", text="are you there?", sender_open_id=USER_A)
+        ack = world.fs.wait_for_ack_blocking(world.frame_of(message), timeout=10)
+        assert ack.code == 200
+        assert message in journaled(world)
+        assert world.replies(message) == []
+    finally:
+        bot.signal(signal.SIGCONT)
+    assert world.wait_for_final_reply(message) == "echo: are you there?"
+    bot.wait_for_event("reply_sent")
+    assert len(world.replies(message)) == 1
+    assert bot.stop() == 0
+
+
+def test_a_message_acknowledged_while_the_bot_was_frozen_and_then_killed_is_answered_once(
+    world: World,
+) -> None:
+    bot = world.start_bot()
+    bot.signal(signal.SIGSTOP)
+    message = world.send("p2p_text", text="caught in the window", sender_open_id=USER_A)
+    world.fs.wait_for_ack_blocking(world.frame_of(message), timeout=10)
+    bot.kill()  # kill -9: the message was acknowledged, never accepted
+    restarted = world.start_bot()
+    assert world.wait_for_final_reply(message) == "echo: caught in the window"
+    restarted.wait_for_event("reply_sent")
+    assert restarted.stop() == 0
+    # The next start finds the journaled event accepted already: dropped, not answered again.
+    assert world.start_bot().stop() == 0
+    assert journaled(world) == []
+    assert len(world.replies(message)) == 1
+
+
+def test_a_killed_bot_takes_its_long_connection_process_with_it(world: World) -> None:
+    bot = world.start_bot()
+    child = the_long_connection_process(bot)
+    bot.kill()  # kill -9 leaves the child no chance to be told
+    world.fs.wait_until_blocking(
+        lambda: not world.fs.open_connections() or None, timeout=10, what="connection closed"
+    )
+    assert gone(child)
+
+
+def test_a_stopped_bot_leaves_no_long_connection_process_behind(world: World) -> None:
+    bot = world.start_bot()
+    child = the_long_connection_process(bot)
+    assert bot.stop() == 0
+    assert gone(child)
+    assert world.fs.open_connections() == []
+
+
+def test_the_long_connection_process_dying_ends_the_bot_with_a_clear_error(world: World) -> None:
+    bot = world.start_bot()
+    os.kill(the_long_connection_process(bot), signal.SIGKILL)
+    assert bot.wait(30) == 1
+    assert "long-connection process ended unexpectedly (killed by signal 9)" in bot.output
+    assert "Traceback" not in bot.output
+
+
+def test_sigterm_to_every_process_of_the_bot_stops_it_cleanly(world: World) -> None:
+    # What `systemctl stop` and a terminal's Ctrl-C do: signal the whole group.
+    bot = world.start_bot()
+    child = the_long_connection_process(bot)
+    os.kill(child, signal.SIGTERM)
+    bot.signal(signal.SIGTERM)
+    assert bot.wait(30) == 0
+    assert "ended unexpectedly" not in bot.output
+    assert gone(child)

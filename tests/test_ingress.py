@@ -1,0 +1,324 @@
+"""The bot's side of the long-connection process (bot/feishu/ingress.py), over a real socket.
+
+A thread plays the child's part of the protocol; the end-to-end tests (test_e2e_ingress.py)
+run the real forked process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import closing
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+import structlog
+from lark_oapi.ws.exception import ClientException
+
+from bot.config import Settings
+from bot.feishu.ingress import (
+    ChildWsClient,
+    EventForwarder,
+    IngressConfig,
+    IngressExited,
+    IngressProcess,
+    _message_id,
+)
+
+SAMPLES = Path(__file__).parent / "fakes" / "samples"
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / f"{name}.json").read_bytes()
+
+
+class Dispatcher:
+    """Records what the stand-in hands to the channel's dispatcher."""
+
+    def __init__(self, fail_on: bytes | None = None) -> None:
+        self.payloads: list[bytes] = []
+        self._fail_on = fail_on
+
+    def _do_without_validation(self, payload: bytes) -> None:
+        if payload == self._fail_on:
+            raise ValueError("no processor for this event")
+        self.payloads.append(payload)
+
+
+class Peer:
+    """The child's end of the socket, played by the test, with a stand-in child process that
+    ends when the peer closes (as the real child closes its end by ending)."""
+
+    def __init__(self, connection: Connection, release_child: int) -> None:
+        self.connection = connection
+        self._release_child: int | None = release_child
+
+    def send(self, message: bytes) -> None:
+        self.connection.send_bytes(message)
+
+    def receive(self) -> bytes:
+        return self.connection.recv_bytes()
+
+    def close(self) -> None:
+        self.connection.close()
+        if self._release_child is not None:
+            os.close(self._release_child)
+            self._release_child = None
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[IngressProcess, Peer]]:
+    ours, theirs = socket.socketpair()
+    hold, release = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the stand-in child: waits for the peer to close, then ends with 0
+        os.close(release)
+        os.read(hold, 1)
+        os._exit(0)
+    os.close(hold)
+    ingress = IngressProcess(pid, Connection(ours.detach()))
+    peer = Peer(Connection(theirs.detach()), release)
+    yield ingress, peer
+    peer.close()
+    ingress.close()
+
+
+def run_client(client: ChildWsClient) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            client.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def stand_in(ingress: IngressProcess, dispatcher: Dispatcher, exits: list[str]) -> ChildWsClient:
+    # Called the way the channel calls the SDK's client.
+    return ChildWsClient(
+        ingress,
+        exits.append,
+        "cli_app",
+        "secret",
+        log_level=None,
+        event_handler=dispatcher,
+        domain="http://127.0.0.1:1",
+        auto_reconnect=True,
+    )
+
+
+def test_events_reach_the_channels_dispatcher_in_order_with_the_reconnect_signals(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    ingress, peer = pair
+    dispatcher, exits, signals = Dispatcher(), [], []
+    client = stand_in(ingress, dispatcher, exits)
+    client.on_reconnecting = lambda: signals.append("reconnecting")
+    client.on_reconnected = lambda: signals.append("reconnected")
+    thread, errors = run_client(client)
+    assert peer.receive() == b"connect"
+    peer.send(b"C")
+    for message in (b"E" + sample("p2p_text"), b"R", b"r", b"E" + sample("p2p_post")):
+        peer.send(message)
+    peer.close()  # the child ended on its own
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert errors == []
+    assert dispatcher.payloads == [sample("p2p_text"), sample("p2p_post")]
+    assert signals == ["reconnecting", "reconnected"]
+    assert exits == ["exit code 0"]  # reported once, with how the child ended
+
+
+def test_the_channel_sees_the_connection_only_once_the_child_says_connected(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    ingress, peer = pair
+    client = stand_in(ingress, Dispatcher(), [])
+    thread, _ = run_client(client)
+    assert peer.receive() == b"connect"
+    assert client._conn is None
+    peer.send(b"C")
+    peer.send(b"E" + sample("p2p_text"))  # handled after the connected mark was set
+    client.stop()
+    assert peer.receive() == b"stop"
+    peer.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert client._conn is None  # gone again once the child ended
+
+
+def test_a_refused_connection_raises_the_sdks_client_exception(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    ingress, peer = pair
+    exits: list[str] = []
+    thread, errors = run_client(stand_in(ingress, Dispatcher(), exits))
+    assert peer.receive() == b"connect"
+    peer.send(b"F" + json.dumps({"code": 1000040351, "msg": "app not found"}).encode())
+    thread.join(timeout=5)
+    assert len(errors) == 1
+    assert isinstance(errors[0], ClientException)
+    assert str(errors[0]) == "1000040351: app not found"
+    assert exits == []
+
+
+def test_a_child_that_ends_before_connecting_is_an_error_not_a_hang(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    ingress, peer = pair
+    thread, errors = run_client(stand_in(ingress, Dispatcher(), []))
+    assert peer.receive() == b"connect"
+    peer.close()
+    thread.join(timeout=5)
+    assert len(errors) == 1
+    assert isinstance(errors[0], IngressExited)
+
+
+def test_a_stopped_connection_is_not_reported_as_the_child_dying(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    ingress, peer = pair
+    exits: list[str] = []
+    client = stand_in(ingress, Dispatcher(), exits)
+    thread, errors = run_client(client)
+    assert peer.receive() == b"connect"
+    peer.send(b"C")
+    client.stop()
+    assert peer.receive() == b"stop"
+    peer.close()
+    thread.join(timeout=5)
+    assert errors == []
+    assert exits == []
+
+
+def test_an_event_the_dispatcher_refuses_does_not_stop_the_next(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    ingress, peer = pair
+    dispatcher = Dispatcher(fail_on=sample("p2p_sticker"))
+    thread, errors = run_client(stand_in(ingress, dispatcher, []))
+    assert peer.receive() == b"connect"
+    for message in (b"C", b"E" + sample("p2p_sticker"), b"E" + sample("p2p_text")):
+        peer.send(message)
+    peer.close()
+    thread.join(timeout=5)
+    assert errors == []
+    assert dispatcher.payloads == [sample("p2p_text")]
+
+
+def message_id_of(name: str) -> str:
+    return str(json.loads(sample(name))["event"]["message"]["message_id"])
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (sample("p2p_text"), message_id_of("p2p_text")),
+        (sample("group_thread_reply"), message_id_of("group_thread_reply")),
+        (sample("bot_added"), None),
+        (sample("p2p_chat_entered"), None),
+        (b"not json", None),
+        (b'{"header": {"event_type": "im.message.receive_v1"}, "event": {}}', None),
+        (b"[]", None),
+    ],
+    ids=["message", "thread-reply", "bot-added", "chat-entered", "garbage", "no-message", "list"],
+)
+def test_only_message_events_are_journaled_by_their_message_id(
+    payload: bytes, expected: str | None
+) -> None:
+    assert _message_id(payload) == expected
+
+
+def test_the_journal_is_the_stores_own_next_to_the_database(tmp_path: Path) -> None:
+    settings = Settings.model_validate(
+        {
+            "feishu": {"app_id": "cli_a", "app_secret": "s3cret", "domain": "http://127.0.0.1:9"},
+            "store": {"url": f"sqlite:///{tmp_path}/data/bot.db"},
+        }
+    )
+    config = IngressConfig.from_settings(settings)
+    assert config.journal == tmp_path / "data" / "bot.db.arrivals"
+    assert (config.app_id, config.app_secret, config.domain) == (
+        "cli_a",
+        "s3cret",
+        "http://127.0.0.1:9",
+    )
+
+
+def test_forking_with_another_thread_running_is_refused(tmp_path: Path) -> None:
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, daemon=True)
+    other.start()
+    try:
+        config = IngressConfig("cli_a", "s3cret", "http://127.0.0.1:9", tmp_path / "j")
+        with pytest.raises(RuntimeError, match="before any thread starts"):
+            IngressProcess.fork(config)
+    finally:
+        release.set()
+        other.join()
+
+
+# ---- the long-connection process's handler -----------------------------------------------------
+
+
+def journal_rows(path: Path) -> list[tuple[str, str]]:
+    with closing(sqlite3.connect(path)) as connection:
+        return [
+            (row[0], row[1]) for row in connection.execute("SELECT message_id, event FROM arrivals")
+        ]
+
+
+def test_a_message_event_is_journaled_as_feishu_sent_it_before_it_is_passed_on(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "bot.db.arrivals"
+    journaled_when_passed_on: list[list[tuple[str, str]]] = []
+
+    def send(message: bytes) -> None:
+        journaled_when_passed_on.append(journal_rows(journal))
+        passed_on.append(message)
+
+    passed_on: list[bytes] = []
+    payload = sample("p2p_text")
+    assert EventForwarder(send, journal)._do_without_validation(payload) is None  # a plain ACK
+
+    assert passed_on == [b"E" + payload]
+    assert journaled_when_passed_on == [[(message_id_of("p2p_text"), payload.decode("utf-8"))]]
+
+
+def test_other_events_are_passed_on_without_journaling(tmp_path: Path) -> None:
+    journal = tmp_path / "bot.db.arrivals"
+    passed_on: list[bytes] = []
+    forwarder = EventForwarder(passed_on.append, journal)
+    forwarder._do_without_validation(sample("bot_added"))
+    forwarder._do_without_validation(sample("p2p_chat_entered"))
+    assert passed_on == [b"E" + sample("bot_added"), b"E" + sample("p2p_chat_entered")]
+    assert not journal.exists()  # opened at the first message event only
+
+
+def test_an_event_the_journal_cannot_take_is_still_passed_on_and_said_so(tmp_path: Path) -> None:
+    passed_on: list[bytes] = []
+    forwarder = EventForwarder(passed_on.append, tmp_path / "no such directory" / "j")
+    with structlog.testing.capture_logs() as logs:
+        forwarder._do_without_validation(sample("p2p_text"))
+    assert passed_on == [b"E" + sample("p2p_text")]
+    warnings = [(entry["event"], entry.get("message_id")) for entry in logs]
+    assert ("arrival_not_journaled", message_id_of("p2p_text")) in warnings
+
+
+def test_how_the_child_ended_is_told_once_it_has(pair: tuple[IngressProcess, Peer]) -> None:
+    ingress, _ = pair
+    assert ingress.exit_status() == "running"
+    os.kill(ingress.pid, signal.SIGKILL)
+    assert ingress.exit_status(wait_s=10) == "killed by signal 9"
+    assert ingress.exit_status() == "killed by signal 9"  # remembered once reaped
