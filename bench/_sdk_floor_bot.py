@@ -8,10 +8,9 @@ ACK is the SDK's (the WebSocket client, the dispatcher, the typed event, the cha
 to its background loop).
 
 With ``--raw`` there is no channel: the SDK's bare WebSocket client (``lark_oapi.ws.Client``)
-gets an event handler that returns at once, or with ``--journal PATH`` the bot's own
-long-connection handler (:class:`bot.feishu.ingress.EventForwarder`), journaling each message
-event in the journal file ``PATH`` and passing it on to nobody: the floor of the bot's
-long-connection process.
+gets an event handler that returns at once; with ``--raw --journal PATH`` it is the bot's own
+long-connection process (:mod:`bot.feishu.ingress_child`, journaling each message event in the
+journal file ``PATH``), whose events this process takes and drops: that process's floor.
 
 Output is JSON lines on stdout (``bot_ready`` once connected); SIGTERM or SIGINT stops it with
 exit code 0. Run by the benchmark as ``python -m bench._sdk_floor_bot --domain … --app-id …
@@ -32,7 +31,7 @@ from typing import Any
 from bench._reference_bot import emit
 from bot import runtime
 from bot.feishu import sdk_compat
-from bot.feishu.ingress import EventForwarder
+from bot.feishu.ingress import ChildWsClient, IngressConfig, IngressProcess
 
 
 def parse_options(argv: Sequence[str]) -> argparse.Namespace:
@@ -62,16 +61,33 @@ async def serve_raw(options: argparse.Namespace) -> None:
 
     ws_loop = sdk_compat.give_ws_client_its_own_loop()
     sdk_compat.connect_without_compression()
-    handler: Any = _Ignore()
-    if options.journal is not None:
-        handler = EventForwarder(lambda _message: None, options.journal)
     client = Client(
         options.app_id,
         options.app_secret,
-        event_handler=handler,  # type: ignore[arg-type]
+        event_handler=_Ignore(),  # type: ignore[arg-type]
         domain=options.domain,
         auto_reconnect=False,
     )
+    await _serve_client(client)
+    asyncio.run_coroutine_threadsafe(client._disconnect(), ws_loop).result(timeout=5)
+    ws_loop.call_soon_threadsafe(ws_loop.stop)
+
+
+async def serve_ingress(options: argparse.Namespace) -> None:
+    """The bot's own long-connection process, its events handed to nobody, until a signal."""
+    ingress = IngressProcess.spawn(
+        IngressConfig(options.app_id, options.app_secret, options.domain, str(options.journal))
+    )
+    client = ChildWsClient(ingress, lambda _status: None, event_handler=_Ignore())
+    try:
+        await _serve_client(client)
+    finally:
+        client.stop()
+        ingress.close()
+
+
+async def _serve_client(client: Any) -> None:
+    """Run ``client.start`` on a thread until it is connected, then until SIGTERM or SIGINT."""
     thread = threading.Thread(target=client.start, name="ws", daemon=True)
     thread.start()
     while client._conn is None:  # what the channel polls for readiness too
@@ -81,11 +97,7 @@ async def serve_raw(options: argparse.Namespace) -> None:
     stop = _stop_on_signals()
     runtime.tune_for_serving()
     emit("bot_ready")
-    try:
-        await stop.wait()
-    finally:
-        asyncio.run_coroutine_threadsafe(client._disconnect(), ws_loop).result(timeout=5)
-        ws_loop.call_soon_threadsafe(ws_loop.stop)
+    await stop.wait()
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -126,7 +138,10 @@ async def serve(options: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_options(sys.argv[1:] if argv is None else argv)
-    asyncio.run(serve_raw(options) if options.raw else serve(options))
+    if options.raw:
+        asyncio.run(serve_raw(options) if options.journal is None else serve_ingress(options))
+    else:
+        asyncio.run(serve(options))
     emit("bot_stopped")
 
 

@@ -6,9 +6,11 @@ Five receivers of the same bursts on the same fakes, each in its own process, fr
   then it answers): the floor of the machine and the fakes, as in bench/concurrency.py;
 * ``sdk``: bench/_sdk_floor_bot.py, the SDK's ``FeishuChannel`` on its own WebSocket thread, with
   a handler that does nothing: what the SDK itself costs between a frame and its ACK;
-* ``ws`` and ``ws_journal``: the SDK's bare WebSocket client without the channel, with a handler
-  that returns at once (``ws``) or the bot's own long-connection handler, which journals every
-  message event (``ws_journal``): the floor of the bot's long-connection process;
+* ``ws``: the SDK's bare WebSocket client without the channel, with a handler that returns at
+  once;
+* ``ws_journal``: the bot's own long-connection process (bot/feishu/ingress_child.py), which
+  journals every message event, handing its events to a process that drops them: the floor of
+  the bot's long connection;
 * ``bot``: ``python -m bot run``, which answers every message meanwhile; its long connection
   and journal run in a process of their own (bot/feishu/ingress.py), so its floor is
   ``ws_journal``'s.

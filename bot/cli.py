@@ -159,6 +159,14 @@ def load(args: argparse.Namespace) -> tuple[Settings, Path]:
     return load_settings(path), path
 
 
+def log_options(
+    args: argparse.Namespace, settings: Settings, *, default_level: str | None = None
+) -> tuple[str, bool]:
+    """The log level and whether to log JSON: the settings', with command-line overrides."""
+    level = args.log_level or default_level or settings.log.level
+    return level, settings.log.json_ if args.json_logs is None else args.json_logs
+
+
 def setup_logging(
     args: argparse.Namespace,
     settings: Settings,
@@ -167,9 +175,10 @@ def setup_logging(
     stream: TextIO | None = None,
 ) -> Redactor:
     """Configure logging from the settings, with command-line overrides."""
+    level, json = log_options(args, settings, default_level=default_level)
     return configure_logging(
-        level=args.log_level or default_level or settings.log.level,
-        json=settings.log.json_ if args.json_logs is None else args.json_logs,
+        level=level,
+        json=json,
         sdk_level=settings.log.sdk_level,
         secrets=settings.secrets(),
         stream=stream,
@@ -181,11 +190,15 @@ def _run(args: argparse.Namespace) -> int:
     settings.require_feishu_credentials()
     redactor = setup_logging(args, settings)
     from bot.feishu.ingress import IngressConfig, IngressProcess
-    from bot.feishu.runner import serve  # imports the Feishu SDK, which takes a moment
 
-    # Forked now: one thread, the SDK imported (see bot.feishu.ingress).
-    ingress = IngressProcess.fork(IngressConfig.from_settings(settings))
+    # Started first, to be ready when the bot connects (see bot.feishu.ingress).
+    level, json = log_options(args, settings)
+    ingress = IngressProcess.spawn(
+        IngressConfig.from_settings(settings, log_level=level, log_json=json)
+    )
     try:
+        from bot.feishu.runner import serve  # imports the Feishu SDK, which takes a moment
+
         asyncio.run(serve(settings, redactor, ingress))
     except FeishuConnectError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import closing
@@ -22,14 +24,8 @@ import structlog
 from lark_oapi.ws.exception import ClientException
 
 from bot.config import Settings
-from bot.feishu.ingress import (
-    ChildWsClient,
-    EventForwarder,
-    IngressConfig,
-    IngressExited,
-    IngressProcess,
-    _message_id,
-)
+from bot.feishu.ingress import ChildWsClient, IngressConfig, IngressExited, IngressProcess
+from bot.feishu.ingress_child import EventForwarder, message_id_of
 
 SAMPLES = Path(__file__).parent / "fakes" / "samples"
 
@@ -52,12 +48,12 @@ class Dispatcher:
 
 
 class Peer:
-    """The child's end of the socket, played by the test, with a stand-in child process that
-    ends when the peer closes (as the real child closes its end by ending)."""
+    """The process's end of the socket, played by the test, with a stand-in process that ends
+    when the peer closes (as the real one closes its end by ending)."""
 
-    def __init__(self, connection: Connection, release_child: int) -> None:
+    def __init__(self, connection: Connection, process: subprocess.Popen[bytes]) -> None:
         self.connection = connection
-        self._release_child: int | None = release_child
+        self._process = process
 
     def send(self, message: bytes) -> None:
         self.connection.send_bytes(message)
@@ -67,23 +63,18 @@ class Peer:
 
     def close(self) -> None:
         self.connection.close()
-        if self._release_child is not None:
-            os.close(self._release_child)
-            self._release_child = None
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            self._process.stdin.close()  # the stand-in ends with 0
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[IngressProcess, Peer]]:
     ours, theirs = socket.socketpair()
-    hold, release = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the stand-in child: waits for the peer to close, then ends with 0
-        os.close(release)
-        os.read(hold, 1)
-        os._exit(0)
-    os.close(hold)
-    ingress = IngressProcess(pid, Connection(ours.detach()))
-    peer = Peer(Connection(theirs.detach()), release)
+    stand_in_process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    ingress = IngressProcess(stand_in_process, Connection(ours.detach()))
+    peer = Peer(Connection(theirs.detach()), stand_in_process)
     yield ingress, peer
     peer.close()
     ingress.close()
@@ -216,15 +207,15 @@ def test_an_event_the_dispatcher_refuses_does_not_stop_the_next(
     assert dispatcher.payloads == [sample("p2p_text")]
 
 
-def message_id_of(name: str) -> str:
+def sample_message_id(name: str) -> str:
     return str(json.loads(sample(name))["event"]["message"]["message_id"])
 
 
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        (sample("p2p_text"), message_id_of("p2p_text")),
-        (sample("group_thread_reply"), message_id_of("group_thread_reply")),
+        (sample("p2p_text"), sample_message_id("p2p_text")),
+        (sample("group_thread_reply"), sample_message_id("group_thread_reply")),
         (sample("bot_added"), None),
         (sample("p2p_chat_entered"), None),
         (b"not json", None),
@@ -236,36 +227,28 @@ def message_id_of(name: str) -> str:
 def test_only_message_events_are_journaled_by_their_message_id(
     payload: bytes, expected: str | None
 ) -> None:
-    assert _message_id(payload) == expected
+    assert message_id_of(payload) == expected
 
 
-def test_the_journal_is_the_stores_own_next_to_the_database(tmp_path: Path) -> None:
+def test_the_process_gets_the_journal_next_to_the_store_and_the_bots_logging(
+    tmp_path: Path,
+) -> None:
     settings = Settings.model_validate(
         {
             "feishu": {"app_id": "cli_a", "app_secret": "s3cret", "domain": "http://127.0.0.1:9"},
             "store": {"url": f"sqlite:///{tmp_path}/data/bot.db"},
+            "log": {"sdk_level": "debug"},
         }
     )
-    config = IngressConfig.from_settings(settings)
-    assert config.journal == tmp_path / "data" / "bot.db.arrivals"
+    config = IngressConfig.from_settings(settings, log_level="debug", log_json=True)
+    assert config.journal == str(tmp_path / "data" / "bot.db.arrivals")
     assert (config.app_id, config.app_secret, config.domain) == (
         "cli_a",
         "s3cret",
         "http://127.0.0.1:9",
     )
-
-
-def test_forking_with_another_thread_running_is_refused(tmp_path: Path) -> None:
-    release = threading.Event()
-    other = threading.Thread(target=release.wait, daemon=True)
-    other.start()
-    try:
-        config = IngressConfig("cli_a", "s3cret", "http://127.0.0.1:9", tmp_path / "j")
-        with pytest.raises(RuntimeError, match="before any thread starts"):
-            IngressProcess.fork(config)
-    finally:
-        release.set()
-        other.join()
+    assert (config.log_level, config.log_json, config.sdk_level) == ("debug", True, "debug")
+    assert "s3cret" not in repr(config)
 
 
 # ---- the long-connection process's handler -----------------------------------------------------
@@ -293,7 +276,7 @@ def test_a_message_event_is_journaled_as_feishu_sent_it_before_it_is_passed_on(
     assert EventForwarder(send, journal)._do_without_validation(payload) is None  # a plain ACK
 
     assert passed_on == [b"E" + payload]
-    assert journaled_when_passed_on == [[(message_id_of("p2p_text"), payload.decode("utf-8"))]]
+    assert journaled_when_passed_on == [[(sample_message_id("p2p_text"), payload.decode("utf-8"))]]
 
 
 def test_other_events_are_passed_on_without_journaling(tmp_path: Path) -> None:
@@ -313,7 +296,7 @@ def test_an_event_the_journal_cannot_take_is_still_passed_on_and_said_so(tmp_pat
         forwarder._do_without_validation(sample("p2p_text"))
     assert passed_on == [b"E" + sample("p2p_text")]
     warnings = [(entry["event"], entry.get("message_id")) for entry in logs]
-    assert ("arrival_not_journaled", message_id_of("p2p_text")) in warnings
+    assert ("arrival_not_journaled", sample_message_id("p2p_text")) in warnings
 
 
 def test_how_the_child_ended_is_told_once_it_has(pair: tuple[IngressProcess, Peer]) -> None:
@@ -322,3 +305,48 @@ def test_how_the_child_ended_is_told_once_it_has(pair: tuple[IngressProcess, Pee
     os.kill(ingress.pid, signal.SIGKILL)
     assert ingress.exit_status(wait_s=10) == "killed by signal 9"
     assert ingress.exit_status() == "killed by signal 9"  # remembered once reaped
+
+
+def test_a_first_connection_being_retried_is_not_taken_for_connected(
+    pair: tuple[IngressProcess, Peer],
+) -> None:
+    # The SDK's client says "reconnecting" when its first attempt failed and it tries again.
+    ingress, peer = pair
+    signals: list[str] = []
+    retried = threading.Event()
+    client = stand_in(ingress, Dispatcher(), [])
+    client.on_reconnecting = lambda: signals.append("reconnecting")
+    client.on_reconnected = lambda: (signals.append("reconnected"), retried.set())
+    thread, errors = run_client(client)
+    assert peer.receive() == b"connect"
+    peer.send(b"R")
+    peer.send(b"r")
+    assert retried.wait(5)
+    assert client._conn is None  # only the child's "connected" says so
+    peer.send(b"C")
+    client.stop()
+    assert peer.receive() == b"stop"
+    peer.close()
+    thread.join(timeout=5)
+    assert errors == []
+    assert signals == ["reconnecting", "reconnected"]
+
+
+def test_the_process_loads_the_sdks_websocket_client_and_little_else() -> None:
+    # A fresh interpreter, as the bot starts it: none of the SDK's 9,700 API modules, no
+    # settings models, no LLM client; the client it needs is all there.
+    code = (
+        "import sys\n"
+        "import bot.feishu.ingress_child\n"
+        "from bot.feishu import sdk_compat\n"
+        "ws = sdk_compat.import_ws_client_alone()\n"
+        "from lark_oapi.core.enum import LogLevel\n"
+        "ws.Client('cli_a', 's', log_level=LogLevel.INFO, event_handler=None)\n"
+        "heavy = ('lark_oapi.api', 'lark_oapi.channel', 'pydantic', 'openai', 'aiohttp',\n"
+        "         'pkg_resources')\n"
+        "print(sorted({m for m in sys.modules if m.startswith(heavy)}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -45,6 +45,18 @@ and run ``tests/test_token_keeper.py``, ``tests/test_sdk_compat_replay.py`` and 
   :func:`use_ws_client` replaces that name, so :class:`bot.feishu.ingress.ChildWsClient` can
   stand in for the SDK's client. Re-check: the imported name, the constructor's keywords, the
   ``_conn`` poll in ``_wait_background_start_ready``, and the ``stop`` lookup in ``stop()``.
+* **The WebSocket client alone** (``lark_oapi/__init__.py``, ``lark_oapi/ws/client.py``): the
+  package's ``__init__`` imports every API module (about 9,700 modules, 160 MiB, 3 s), and the
+  client's module imports ``lark_oapi.event.dispatcher_handler`` (every event processor) only
+  to annotate its event handler's type; the bundled protobuf's ``lark_oapi/ws/pb/google``
+  declares itself a namespace package through ``pkg_resources`` (50 ms, 6 MiB).
+  :func:`import_ws_client_alone` registers empty stand-ins for the package, that module and the
+  namespace package, so the long-connection process loads the client with ``lark_oapi.core``
+  and ``lark_oapi.ws`` only (about 500 modules, under 40 MiB). Re-check: that ``ws/client.py``
+  uses ``EventDispatcherHandler`` for nothing but annotations and calls
+  ``_do_without_validation`` on its handler, that ``ws/pb/google/__init__.py`` does nothing but
+  declare the namespace, and that ``lark_oapi.core``/``lark_oapi.ws`` need nothing the
+  package's ``__init__`` sets up.
 * **The reconnect flag** (same file): ``Client._auto_reconnect`` is read after every dropped
   connection, and the channel's stop drops the connection on purpose;
   :func:`disable_auto_reconnect` clears it first so a stopping bot does not reconnect.
@@ -77,8 +89,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.metadata
+import importlib.util
 import logging
+import os
 import re
+import sys
+import types
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -87,6 +103,7 @@ from bot.logging import SDK_LOGGER, get_logger
 log = get_logger(__name__)
 
 SDK_DISTRIBUTION: Final = "lark-oapi"
+SDK_PACKAGE: Final = "lark_oapi"
 _TESTED_FROM: Final = (1, 7, 5)
 _TESTED_BELOW: Final = (1, 8)
 SUPPORTED: Final = f">={'.'.join(map(str, _TESTED_FROM))},<{'.'.join(map(str, _TESTED_BELOW))}"
@@ -233,6 +250,33 @@ def disable_auto_reconnect(ws_client: Any) -> None:
     """Stop the SDK's WebSocket client (``None``: none yet) from reconnecting once dropped."""
     if ws_client is not None:
         ws_client._auto_reconnect = False
+
+
+def import_ws_client_alone() -> Any:
+    """Import ``lark_oapi.ws.client`` without the rest of the SDK; return the module.
+
+    Only for a process that uses nothing else of the SDK (the long-connection process): the
+    package ``lark_oapi`` and ``lark_oapi.event.dispatcher_handler`` are empty stand-ins there.
+    Where the SDK is imported already, this is a plain import.
+    """
+    if "lark_oapi" not in sys.modules:
+        spec = importlib.util.find_spec(SDK_PACKAGE)
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError(f"{SDK_DISTRIBUTION} is not installed")
+        root = list(spec.submodule_search_locations)
+        package = types.ModuleType(SDK_PACKAGE)
+        package.__path__ = root
+        sys.modules[SDK_PACKAGE] = package
+        event = types.ModuleType(f"{SDK_PACKAGE}.event")
+        event.__path__ = [os.path.join(path, "event") for path in root]
+        sys.modules[event.__name__] = event
+        dispatcher = types.ModuleType(f"{SDK_PACKAGE}.event.dispatcher_handler")
+        dispatcher.EventDispatcherHandler = type("EventDispatcherHandler", (), {})  # type: ignore[attr-defined]
+        sys.modules[dispatcher.__name__] = dispatcher
+        google = types.ModuleType(f"{SDK_PACKAGE}.ws.pb.google")  # a namespace package
+        google.__path__ = [os.path.join(path, "ws", "pb", "google") for path in root]
+        sys.modules[google.__name__] = google
+    return importlib.import_module(f"{SDK_PACKAGE}.ws.client")
 
 
 def schedule_disconnect(

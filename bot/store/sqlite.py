@@ -4,7 +4,7 @@ Writes run on one dedicated thread that owns the writing connection, so coroutin
 event loop (the bot's, or the Feishu SDK's own) await them without blocking and writes never
 interleave. Reads run on the thread that asks, with that thread's own connection (see
 :meth:`SQLiteStore._run_read`); the arrival journal is a file of its own
-(:mod:`bot.store.journal`), written before each ACK by the bot's long-connection process. The
+(:mod:`bot.journal`), written before each ACK by the bot's long-connection process. The
 schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it (a migration,
 once released, is never edited: changes go into a new one).
 
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from bot.errors import StoreError
+from bot.journal import INSERT_ARRIVAL, ArrivalJournal, connect_journal, journal_path
 from bot.logging import get_logger
 from bot.store.base import (
     AttachmentKind,
@@ -47,7 +48,6 @@ from bot.store.base import (
     UsageRecord,
 )
 from bot.store.crypto import KeyCipher, is_sealed, open_secret, seal_secret
-from bot.store.journal import INSERT_ARRIVAL, ArrivalJournal, connect_journal, journal_path
 from bot.timing import Clock
 
 T = TypeVar("T")
@@ -550,7 +550,7 @@ class SQLiteStore:
         """Blocking: journal a raw event before it is acknowledged; False if that failed or
         took longer than ``timeout_s``.
 
-        The journal is a database file of its own (:mod:`bot.store.journal`) with its own
+        The journal is a database file of its own (:mod:`bot.journal`) with its own
         connection, written on the calling thread: an acknowledgement never waits in the store
         thread's queue, nor for SQLite's write lock on the main database, however many answers
         are being saved. (The bot's long-connection process writes the same file with a
