@@ -1,11 +1,12 @@
 """Interpreter settings for a long-running bot process under load (``bench/concurrency.py``).
 
-Two threads besides the bot's event loop need the GIL promptly: the SDK's WebSocket thread,
-which must acknowledge each event frame (Feishu redelivers after 3 s), and the store's thread.
-With CPython's default 5 ms switch interval a thread that wakes from I/O waits up to 5 ms for a
-busy loop to let go of the GIL, several times per frame: at 200 concurrent conversations that
-queued acknowledgements for seconds. A 0.5 ms interval cut the ACK p99 there by a third or
-more and the first visible text by a quarter, without costing CPU per answer.
+Threads besides the bot's event loop need the GIL promptly: the one that hands the events of the
+long-connection process (:mod:`bot.feishu.ingress`) to the channel, the channel's background
+loop, and the store's thread. With CPython's default 5 ms switch interval a thread that wakes
+from I/O waits up to 5 ms for a busy loop to let go of the GIL, several times per event: at 200
+concurrent conversations that queued events for seconds. A 0.5 ms interval cut the ACK p99 by
+a third or more and the first visible text by a quarter, without costing CPU per answer
+(measured when the ACK was still sent from this process).
 
 After start-up the SDKs' modules and the settings are hundreds of thousands of objects that live
 as long as the process; ``gc.freeze()`` moves them out of the collector's reach, so a full

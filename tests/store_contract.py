@@ -1,16 +1,22 @@
 """The behaviour every :class:`bot.store.Store` implementation must have.
 
 A backend's test module subclasses :class:`StoreContract` and provides a ``store`` fixture
-(opened, empty) and a ``clock`` fixture (a :class:`FakeClock` the store reads time from).
+(opened, empty) and a ``clock`` fixture (a :class:`FakeClock` the store reads time from). The
+contract's ``journal`` fixture journals an arrival where the bot's long-connection process does
+(:mod:`bot.journal`, the file at the store's ``journal_path``); a backend that reads its
+arrivals from elsewhere overrides it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from bot.errors import StoreError
+from bot.journal import ArrivalJournal
 from bot.store import (
     HeldAttachment,
     InboxEntry,
@@ -326,22 +332,39 @@ class StoreContract:
         assert [t.content for t in await store.load_turns("c1")] == ["question"]
         assert await store.inbox_list() == []
 
-    async def test_a_journaled_arrival_is_listed_until_it_is_accepted(self, store: Store) -> None:
-        assert store.record_arrival("om_1", '{"event": 1}', 10.0, timeout_s=5)
-        assert store.record_arrival("om_2", '{"event": 2}', 11.0, timeout_s=5)
+    @pytest.fixture
+    def journal(self, store: Any) -> Iterator[Callable[[str, str, float], None]]:
+        """Journals ``(message_id, event, received_at)`` as the long-connection process does."""
+        arrivals = ArrivalJournal.open(store.journal_path)
+
+        def record(message_id: str, event: str, received_at: float) -> None:
+            assert arrivals.record(message_id, event, received_at, timeout_s=5)
+
+        yield record
+        arrivals.close()
+
+    async def test_a_journaled_arrival_is_listed_until_it_is_accepted(
+        self, store: Store, journal: Callable[[str, str, float], None]
+    ) -> None:
+        journal("om_1", '{"event": 1}', 10.0)
+        journal("om_2", '{"event": 2}', 11.0)
         assert await store.arrivals() == [("om_1", '{"event": 1}'), ("om_2", '{"event": 2}')]
         await store.accept_message(InboxEntry("om_1", "c1", "{}", 10.0), ttl_s=60)
         assert await store.arrivals() == [("om_2", '{"event": 2}')]
 
-    async def test_arrivals_are_forgotten_by_id_and_by_age(self, store: Store) -> None:
+    async def test_arrivals_are_forgotten_by_id_and_by_age(
+        self, store: Store, journal: Callable[[str, str, float], None]
+    ) -> None:
         for number, at in ((1, 10.0), (2, 20.0), (3, 30.0)):
-            assert store.record_arrival(f"om_{number}", "{}", at, timeout_s=5)
+            journal(f"om_{number}", "{}", at)
         assert await store.forget_arrivals(["om_3"], before=15.0) == 2
         assert [message_id for message_id, _ in await store.arrivals()] == ["om_2"]
 
-    async def test_a_duplicate_arrival_is_kept_once(self, store: Store) -> None:
-        assert store.record_arrival("om_1", "{}", 10.0, timeout_s=5)
-        assert store.record_arrival("om_1", "{}", 12.0, timeout_s=5)
+    async def test_a_duplicate_arrival_is_kept_once(
+        self, store: Store, journal: Callable[[str, str, float], None]
+    ) -> None:
+        journal("om_1", "{}", 10.0)
+        journal("om_1", "{}", 12.0)
         assert len(await store.arrivals()) == 1
 
     # ---- preferences ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from bot.config import parse_settings
 from bot.errors import ConfigError, StoreError
+from bot.journal import ArrivalJournal
 from bot.store import HeldAttachment, InboxEntry, SentMessage, SQLiteStore, Usage, create_store
 from bot.store.sqlite import MIGRATIONS
 from tests.helpers import holding_the_store_thread
@@ -293,11 +294,12 @@ async def test_each_thread_reads_with_its_own_connection_and_close_closes_them_a
 async def test_the_arrival_journal_does_not_wait_behind_the_store_thread(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "bot.db")
     await store.open()
+    journal = ArrivalJournal.open(store.journal_path)  # the long-connection process's
     with holding_the_store_thread(store):  # busy, as under a burst of answers
-        assert store.record_arrival("om_1", '{"event": 1}', 1.0, timeout_s=2)
+        assert journal.record("om_1", '{"event": 1}', 1.0, timeout_s=2)
+    journal.close()
     assert await store.arrivals() == [("om_1", '{"event": 1}')]
     await store.close()
-    assert not store.record_arrival("om_2", "{}", 2.0, timeout_s=1)  # closed: nothing reopens
 
 
 async def test_the_journal_is_a_file_of_its_own_and_takes_over_older_entries(
@@ -315,7 +317,9 @@ async def test_the_journal_is_a_file_of_its_own_and_takes_over_older_entries(
     try:
         assert store.journal_path == tmp_path / "bot.db.arrivals"
         assert stat.S_IMODE(store.journal_path.stat().st_mode) == 0o600
-        assert store.record_arrival("om_new", "{}", 6.0, timeout_s=1)
+        journal = ArrivalJournal.open(store.journal_path)
+        assert journal.record("om_new", "{}", 6.0, timeout_s=1)
+        journal.close()
         assert await store.arrivals() == [("om_old", '{"old": 1}'), ("om_new", "{}")]
     finally:
         await store.close()

@@ -247,7 +247,7 @@ class FeishuGateway:
                 self._ingress, self._ingress_exited, *args, **kwargs
             )
         )
-        # Called on the WebSocket thread: hand over to the bot's loop.
+        # Called on the thread that dispatches events: hand over to the bot's loop.
         sdk_compat.handle_p2p_chat_entered(
             channel,
             lambda chat_id, open_id: self._loop.call_soon_threadsafe(
@@ -257,7 +257,7 @@ class FeishuGateway:
         channel.on("message", self._on_message)
         channel.on("botAdded", self._on_bot_added)
         channel.on("reject", self._on_reject)
-        # Called on the SDK's WebSocket thread: hand over to the bot's loop.
+        # Called on the thread that dispatches events: hand over to the bot's loop.
         channel.on("reconnecting", lambda *_: self._loop.call_soon_threadsafe(self._reconnecting))
         channel.on("reconnected", lambda *_: self._loop.call_soon_threadsafe(self._reconnected))
         channel.on("error", lambda error, *_: log.warning("feishu_error", error=str(error)))

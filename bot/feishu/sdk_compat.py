@@ -228,8 +228,7 @@ def connect_without_compression() -> None:
     """Make the SDK's WebSocket client connect without offering ``permessage-deflate``.
 
     Event frames are a few hundred bytes of protobuf on a long-lived connection; deflating
-    every ACK and inflating every event costs the WebSocket thread CPU before each ACK, and
-    that thread shares the GIL with the bot's loop. Idempotent.
+    every ACK and inflating every event would cost CPU before each ACK. Idempotent.
     """
     import lark_oapi.ws.client as ws_client_module
 
@@ -307,7 +306,7 @@ P2P_CHAT_ENTERED: Final = "im.chat.access_event.bot_p2p_chat_entered_v1"
 
 
 def handle_p2p_chat_entered(channel: Any, handler: Callable[[str, str], object]) -> None:
-    """Call ``handler(chat_id, operator_open_id)`` on the WebSocket thread for every
+    """Call ``handler(chat_id, operator_open_id)`` on the channel's dispatching thread for every
     ``im.chat.access_event.bot_p2p_chat_entered_v1`` event (a user opened the private chat).
 
     Call before the channel starts. The handler must be quick and must not raise.

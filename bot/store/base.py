@@ -209,17 +209,11 @@ class Store(Protocol):
         never answered. Nothing happens when the message is not in the inbox.
         """
 
-    # Arrival journal: raw events written before Feishu's ACK, until they are accepted
-    def record_arrival(
-        self, message_id: str, event: str, received_at: float, *, timeout_s: float
-    ) -> bool:
-        """Journal a raw event *synchronously* (called on the SDK's WebSocket thread before it
-        acknowledges the event); at most ``timeout_s``; False when it could not be written.
-        It must not wait behind the store's other work. Once the message is accepted
-        (:meth:`accept_message`), :meth:`arrivals` no longer lists it."""
-
+    # Arrival journal: raw events the long-connection process wrote before Feishu's ACK
+    # (bot.journal), until they are accepted
     async def arrivals(self) -> list[tuple[str, str]]:
-        """Journaled events that were never accepted, oldest first: ``(message_id, event)``."""
+        """Journaled events that were never accepted, oldest first: ``(message_id, event)``.
+        Once a message is accepted (:meth:`accept_message`) it is no longer listed."""
 
     async def forget_arrivals(self, message_ids: Sequence[str] = (), *, before: float = 0) -> int:
         """Drop journal entries by message id, and every one received before ``before``."""

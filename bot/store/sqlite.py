@@ -544,23 +544,6 @@ class SQLiteStore:
 
     # ---- arrival journal -------------------------------------------------------------------
 
-    def record_arrival(
-        self, message_id: str, event: str, received_at: float, *, timeout_s: float
-    ) -> bool:
-        """Blocking: journal a raw event before it is acknowledged; False if that failed or
-        took longer than ``timeout_s``.
-
-        The journal is a database file of its own (:mod:`bot.journal`) with its own
-        connection, written on the calling thread: an acknowledgement never waits in the store
-        thread's queue, nor for SQLite's write lock on the main database, however many answers
-        are being saved. (The bot's long-connection process writes the same file with a
-        journal of its own, :mod:`bot.feishu.ingress`.)
-        """
-        journal = self._journal
-        if journal is None:  # not open, or closed
-            return False
-        return journal.record(message_id, event, received_at, timeout_s=timeout_s)
-
     async def arrivals(self) -> list[tuple[str, str]]:
         """Journaled events never accepted, oldest first: ``(message_id, event)``."""
         return await self._run(self._arrivals_sync)
