@@ -34,7 +34,7 @@ from bench._fake_world import (
     fake_world,
     start_round_trips,
 )
-from bench._procstat import tree_cpu_s, tree_peak_mib
+from bench._procstat import children, private_mib, tree_cpu_s, tree_peak_mib
 from tests.e2e_harness import BotProcess
 from tests.fakes.feishu_server import FakeFeishu, RestCall
 
@@ -107,6 +107,7 @@ class BurstResult:
     finished: float
     cpu_s: float
     rss_mib: float
+    children_mib: float
     rate_limited: int
     calls_peak_per_s: int
     content_peak_per_s: int
@@ -364,6 +365,7 @@ def run_burst(
             cpu_s = tree_cpu_s(pid) - cpu_before
             report = health.stop()
             rss = tree_peak_mib(pid)
+            children_mib = sum(private_mib(child) for child in children(pid))
             calls = fs.calls_to(since=mark)
             accepted = {
                 str(r.get("message_id")): float(r["accepted_at"])
@@ -388,6 +390,7 @@ def run_burst(
         finished=max(done, default=math.nan),
         cpu_s=cpu_s,
         rss_mib=rss,
+        children_mib=children_mib,
         rate_limited=sum(_rate_limited(c) for c in calls),
         calls_peak_per_s=peak_per_second(c.time for c in answer_calls),
         content_peak_per_s=peak_per_second(

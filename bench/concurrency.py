@@ -43,7 +43,8 @@ What the measures are (latencies in seconds from the moment the fake sent the ev
   processes' included (the bot's long-connection process);
   ``rss_peak``: its VmHWM plus the memory its children hold privately (bench/_procstat.py),
   next to ``floor.rss_import_lark_oapi_openai``, the peak RSS of a process that only imports
-  lark_oapi and openai;
+  lark_oapi and openai; ``rss_children``: the children's share of it (the bot's
+  long-connection process);
 * the fakes' health (they are two threads of this process, sharing one GIL; a bot can look no
   better than they are): ``fake_*_cpu`` and ``bench_process_cpu`` in cores over the burst,
   ``fake_*_lag``: how late their event loops ran a callback posted every 50 ms,
@@ -211,6 +212,7 @@ def rows(scenario: Scenario) -> list[Row]:
         Row("cpu_per_answer", "s", _per_answer),
         Row("wall", "s", lambda r: r.wall_s),
         Row("rss_peak", "MiB", lambda r: r.rss_mib),
+        Row("rss_children", "MiB", lambda r: r.children_mib),
         Row("fake_burst_send", "s", lambda r: max(s.sent for s in r.samples) - r.started),
         Row("fake_feishu_cpu", "cores", _fake_cpu("fake_feishu")),
         Row("fake_openai_cpu", "cores", _fake_cpu("fake_openai")),
