@@ -39,12 +39,14 @@ class Dispatcher:
 
     def __init__(self, fail_on: bytes | None = None) -> None:
         self.payloads: list[bytes] = []
+        self.arrived = threading.Event()
         self._fail_on = fail_on
 
     def _do_without_validation(self, payload: bytes) -> None:
         if payload == self._fail_on:
             raise ValueError("no processor for this event")
         self.payloads.append(payload)
+        self.arrived.set()
 
 
 class Peer:
@@ -94,6 +96,15 @@ def run_client(client: ChildWsClient) -> tuple[threading.Thread, list[BaseExcept
     return thread, errors
 
 
+def stop_as_the_channel_does(client: ChildWsClient, peer: Peer, thread: threading.Thread) -> None:
+    """The channel's stop: the process is asked to stop and ends; ``start`` returns."""
+    client.stop()
+    assert peer.receive() == b"stop"
+    peer.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
 def stand_in(ingress: IngressProcess, dispatcher: Dispatcher, exits: list[str]) -> ChildWsClient:
     # Called the way the channel calls the SDK's client.
     return ChildWsClient(
@@ -134,18 +145,17 @@ def test_the_channel_sees_the_connection_only_once_the_child_says_connected(
     pair: tuple[IngressProcess, Peer],
 ) -> None:
     ingress, peer = pair
-    client = stand_in(ingress, Dispatcher(), [])
+    dispatcher = Dispatcher()
+    client = stand_in(ingress, dispatcher, [])
     thread, _ = run_client(client)
     assert peer.receive() == b"connect"
     assert client._conn is None
     peer.send(b"C")
     peer.send(b"E" + sample("p2p_text"))  # handled after the connected mark was set
-    client.stop()
-    assert peer.receive() == b"stop"
-    peer.close()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-    assert client._conn is None  # gone again once the child ended
+    assert dispatcher.arrived.wait(5)
+    assert client._conn is not None
+    stop_as_the_channel_does(client, peer, thread)
+    assert client._conn is None  # gone again once the process ended
 
 
 def test_a_refused_connection_raises_the_sdks_client_exception(
@@ -184,10 +194,7 @@ def test_a_stopped_connection_is_not_reported_as_the_child_dying(
     thread, errors = run_client(client)
     assert peer.receive() == b"connect"
     peer.send(b"C")
-    client.stop()
-    assert peer.receive() == b"stop"
-    peer.close()
-    thread.join(timeout=5)
+    stop_as_the_channel_does(client, peer, thread)
     assert errors == []
     assert exits == []
 
@@ -324,10 +331,7 @@ def test_a_first_connection_being_retried_is_not_taken_for_connected(
     assert retried.wait(5)
     assert client._conn is None  # only the child's "connected" says so
     peer.send(b"C")
-    client.stop()
-    assert peer.receive() == b"stop"
-    peer.close()
-    thread.join(timeout=5)
+    stop_as_the_channel_does(client, peer, thread)
     assert errors == []
     assert signals == ["reconnecting", "reconnected"]
 

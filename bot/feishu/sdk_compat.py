@@ -70,7 +70,7 @@ and run ``tests/test_token_keeper.py``, ``tests/test_sdk_compat_replay.py`` and 
   hands every event frame's payload (bytes, the ``{"schema", "header", "event"}`` envelope)
   to ``EventDispatcherHandler._do_without_validation``, which parses it and calls the
   processor on the same thread; the bot's long-connection process journals those bytes in a
-  handler of that name (:mod:`bot.feishu.ingress`), and its stand-in client in the channel
+  handler of that name (:mod:`bot.feishu.ingress_child`), and its stand-in client in the channel
   calls the channel's dispatcher by it. Re-check: the method's name, that the WebSocket client
   still calls it for event frames, and that its return value becomes the ACK's data.
 * **The dispatcher's processor map** (``lark_oapi/event/dispatcher_handler.py``): the channel
