@@ -81,7 +81,6 @@ class FeishuGateway:
         self.connection: ConnectionState = "connecting"
         self._loop = asyncio.get_running_loop()
         self._channel: Any = None
-        self._ws_loop: asyncio.AbstractEventLoop | None = None
         self._http: http_pool.HttpxShim | None = None
         self._transport: AiohttpTransport | None = None
         self._tokens: TenantTokenKeeper | None = None
@@ -199,10 +198,8 @@ class FeishuGateway:
         try:
             if self._channel is not None:
                 quiet_sdk_shutdown()
-                sdk_compat.disable_auto_reconnect(self._channel.ws_client)
                 with contextlib.suppress(Exception):
                     await self._channel.stop_background()
-                await asyncio.to_thread(_drain_loop, self._ws_loop)
                 if self._http is not None:
                     await self._http.aclose()
         finally:
@@ -225,8 +222,6 @@ class FeishuGateway:
         )
         from lark_oapi.core.enum import LogLevel
 
-        self._ws_loop = sdk_compat.give_ws_client_its_own_loop()
-        sdk_compat.connect_without_compression()
         adopt_sdk_logger()
         self._http = http_pool.install()
         feishu = self._settings.feishu
@@ -404,23 +399,3 @@ class FeishuGateway:
 async def _no_name_lookup(open_ids: list[str]) -> dict[str, Any]:
     """Skip the contact API: names are not needed, and it would cost a scope and API quota."""
     return {}
-
-
-def _drain_loop(loop: asyncio.AbstractEventLoop | None) -> None:
-    """Cancel what the SDK left on its stopped WebSocket loop, then close it quietly."""
-    if loop is None or loop.is_closed():
-        return
-    for _ in range(50):  # the SDK's thread stops the loop; wait for that (at most ~1 s)
-        if not loop.is_running():
-            break
-        time.sleep(0.02)
-    else:
-        return
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    with contextlib.suppress(Exception):
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    with contextlib.suppress(Exception):
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()

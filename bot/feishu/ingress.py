@@ -173,7 +173,6 @@ class ChildWsClient:
         self._on_exit = on_exit
         self._event_handler = event_handler
         self._conn: object | None = None  # read by the channel: not None once connected
-        self._auto_reconnect = True  # cleared by sdk_compat.disable_auto_reconnect; unused here
         self._stopping = False
         self.on_reconnecting: Callable[[], None] = lambda: None
         self.on_reconnected: Callable[[], None] = lambda: None

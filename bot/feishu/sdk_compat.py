@@ -27,9 +27,9 @@ and run ``tests/test_token_keeper.py``, ``tests/test_sdk_compat_replay.py`` and 
   the level that :func:`bot.logging.configure_logging` chose. :func:`build_client` restores it.
 * **The long connection's event loop** (``lark_oapi/ws/client.py``): the module binds a global
   ``loop`` at import (the running loop, if imported inside one) and ``Client.start()`` runs on
-  it; :func:`give_ws_client_its_own_loop` assigns a fresh one before the channel starts, so it
-  can never be the bot's loop. Re-check: the module-level ``loop`` name and its use in
-  ``start()``.
+  it; :func:`give_ws_client_its_own_loop` assigns a fresh one before the client starts (in the
+  long-connection process, and in the benchmark's floor receivers). Re-check: the module-level
+  ``loop`` name and its use in ``start()``.
 * **The connection options** (same file): ``_ws_connect_kwargs`` builds the keyword arguments
   of every ``websockets.connect``; :func:`connect_without_compression` wraps it to add
   ``compression=None``. Re-check: the function's name and that ``_connect`` (which the
@@ -58,8 +58,8 @@ and run ``tests/test_token_keeper.py``, ``tests/test_sdk_compat_replay.py`` and 
   declare the namespace, and that ``lark_oapi.core``/``lark_oapi.ws`` need nothing the
   package's ``__init__`` sets up.
 * **The reconnect flag** (same file): ``Client._auto_reconnect`` is read after every dropped
-  connection, and the channel's stop drops the connection on purpose;
-  :func:`disable_auto_reconnect` clears it first so a stopping bot does not reconnect.
+  connection, and a stopping long-connection process drops the connection on purpose;
+  :func:`disable_auto_reconnect` clears it first so that it does not reconnect.
   Re-check: the attribute name and where ``start()`` / the receive loop read it.
 * **The channel's message-event coroutine** (``lark_oapi/channel/channel.py``):
   ``FeishuChannel._handle_message_event`` is the coroutine the channel schedules on its
