@@ -3,10 +3,10 @@
 CPU times are user + system, in seconds (clock-tick resolution, usually 10 ms). Peak memory is
 ``VmHWM`` (the resident set's high-water mark) in MiB.
 
-A process's children count as its own: the bot forks its long connection into a child
+A process's children count as its own: the bot runs its long connection in a child process
 (bot/feishu/ingress.py). Their CPU time is added, and so is the memory only they hold
-(``Private_Clean`` + ``Private_Dirty`` of ``smaps_rollup``): the pages a forked child still
-shares with the bot are in the bot's resident set already.
+(``Private_Clean`` + ``Private_Dirty`` of ``smaps_rollup``): pages a child shares with others
+(its shared libraries) are in the bot's resident set already.
 """
 
 from __future__ import annotations

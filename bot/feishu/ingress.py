@@ -47,6 +47,7 @@ from bot.feishu.ingress_child import (
     RECONNECTING,
     REFUSED,
     STOP,
+    receive,
 )
 from bot.journal import journal_path
 from bot.logging import get_logger
@@ -126,10 +127,7 @@ class IngressProcess:
 
     def receive(self) -> bytes | None:
         """Block until the process's next message; ``None`` once it is gone."""
-        try:
-            return self._connection.recv_bytes()
-        except (EOFError, OSError):
-            return None
+        return receive(self._connection)
 
     def exit_status(self, wait_s: float = 0.0) -> str:
         """How the process ended, for a log line or an error, waiting at most ``wait_s`` for it

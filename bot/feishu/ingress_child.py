@@ -132,7 +132,7 @@ def _live(argv: Sequence[str]) -> None:  # pragma: no cover - run as a process
         with lock:
             connection.send_bytes(message)
 
-    first = _receive(connection)
+    first = receive(connection)
     if first is None or not first.startswith(CONFIG):
         return
     config = json.loads(first[1:])
@@ -142,7 +142,7 @@ def _live(argv: Sequence[str]) -> None:  # pragma: no cover - run as a process
         sdk_level=config["sdk_level"],
         secrets=[config["app_secret"]],
     )
-    if _receive(connection) == CONNECT:
+    if receive(connection) == CONNECT:
         _serve(connection, send, config)
 
 
@@ -181,7 +181,7 @@ def _serve(
 
     threading.Thread(target=run, name="ingress-ws", daemon=True).start()
     threading.Thread(target=_report_ready, args=(client, send), daemon=True).start()
-    _receive(connection)  # until ``stop`` or the bot's end closes
+    receive(connection)  # until ``stop`` or the bot's end closes
     quiet_sdk_shutdown()
     sdk_compat.disable_auto_reconnect(client)
     if ws_loop.is_running():
@@ -196,7 +196,8 @@ def _report_ready(client: Any, send: Callable[[bytes], None]) -> None:  # pragma
         send(CONNECTED)
 
 
-def _receive(connection: Connection) -> bytes | None:
+def receive(connection: Connection) -> bytes | None:
+    """Block until the other end's next message; ``None`` once it is gone."""
     try:
         return connection.recv_bytes()
     except (EOFError, OSError):
