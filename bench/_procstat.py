@@ -17,12 +17,20 @@ import sys
 from pathlib import Path
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-_IMPORT_FLOOR_CODE = """
-import lark_oapi, openai
+_PRINT_PEAK = """
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
         print(int(line.split()[1]))
 """
+_IMPORT_FLOOR_CODE = "import lark_oapi, openai\n" + _PRINT_PEAK
+_ON_DEMAND_FLOOR_CODE = (
+    "from bot.feishu import sdk_compat, sdk_loader\n"
+    "sdk_loader.load_api_services_on_demand()\n"
+    "import openai\n"
+    "from lark_oapi.channel import FeishuChannel\n"
+    "sdk_compat.build_client(app_id='a', app_secret='s', domain='https://open.feishu.cn',"
+    " timeout_s=1)\n" + _PRINT_PEAK
+)
 
 
 def _stat_cpu_s(path: Path) -> float:
@@ -83,10 +91,15 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def import_floor_mib() -> float:
-    """Peak RSS of a fresh interpreter that only imports ``lark_oapi`` and ``openai``."""
+def import_floor_mib(*, on_demand: bool = False) -> float:
+    """Peak RSS of a fresh interpreter that only imports ``lark_oapi`` and ``openai``.
+
+    ``on_demand``: imports them the way the bot does instead (bot/feishu/sdk_loader.py: the
+    SDK's API services load on first use) and builds the bot's client, which loads the three
+    services the bot answers with.
+    """
     done = subprocess.run(
-        [sys.executable, "-c", _IMPORT_FLOOR_CODE],
+        [sys.executable, "-c", _ON_DEMAND_FLOOR_CODE if on_demand else _IMPORT_FLOOR_CODE],
         capture_output=True,
         text=True,
         check=True,

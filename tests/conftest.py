@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.feishu import sdk_loader
 from tests.helpers import BOT_ENVIRONMENT
+
+# As `python -m bot` does (bot.cli.main): the tests load the SDK the way the bot does.
+sdk_loader.load_api_services_on_demand()
 
 
 @pytest.fixture(autouse=True)

@@ -80,6 +80,9 @@ and run ``tests/test_token_keeper.py``, ``tests/test_sdk_compat_replay.py`` and 
   built dispatcher's ``_processorMap``, exactly what the builder's
   ``register_p2_im_chat_access_event_bot_p2p_chat_entered_v1`` does. Re-check: the map's name
   and key format (``p2.<event type>``), and the processor class.
+* **The generated layout of ``lark_oapi.api``**: :mod:`bot.feishu.sdk_loader` loads each API
+  service on its first use instead of all of them at import. Re-check: what that module's
+  docstring names, and run ``tests/test_sdk_loader.py``.
 * **The version range** this knowledge was checked against, :data:`SUPPORTED`:
   :func:`check_sdk_version` warns at startup when another version is installed.
 """
@@ -98,6 +101,7 @@ import types
 from collections.abc import Callable
 from typing import Any, Final
 
+from bot.feishu import sdk_loader
 from bot.logging import SDK_LOGGER, get_logger
 
 log = get_logger(__name__)
@@ -148,6 +152,11 @@ def check_sdk_version() -> bool:
     return False
 
 
+ANSWER_PATH_SERVICES: Final = ("im", "cardkit", "auth")
+"""The SDK's API services the bot calls to answer; :func:`build_client` loads them at once when
+the SDK loads services on demand (:mod:`bot.feishu.sdk_loader`)."""
+
+
 def build_client(*, app_id: str, app_secret: str, domain: str, timeout_s: float) -> Any:
     """A ``lark_oapi.Client`` for the app, leaving the ``Lark`` logger's level as it was."""
     import lark_oapi as lark
@@ -155,7 +164,7 @@ def build_client(*, app_id: str, app_secret: str, domain: str, timeout_s: float)
     sdk_logger = logging.getLogger(SDK_LOGGER)
     level = sdk_logger.level
     try:
-        return (
+        client = (
             lark.Client.builder()
             .app_id(app_id)
             .app_secret(app_secret)
@@ -166,6 +175,11 @@ def build_client(*, app_id: str, app_secret: str, domain: str, timeout_s: float)
         )
     finally:
         sdk_logger.setLevel(level)
+    for service in ANSWER_PATH_SERVICES:  # loaded now, not on the first message's path
+        on_demand = getattr(client, service)
+        if isinstance(on_demand, sdk_loader.ServiceOnDemand):
+            setattr(client, service, on_demand.real_service())
+    return client
 
 
 def _token_cache() -> Any:
