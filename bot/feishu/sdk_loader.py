@@ -91,7 +91,7 @@ def load_service(service: str) -> None:
             return
         _loading_or_loaded.add(service)
         prefix = f"{API_PACKAGE}.{service}"
-        packages = [name for name in _deferred if name == prefix or name.startswith(f"{prefix}.")]
+        packages = [n for n in list(_deferred) if n == prefix or n.startswith(f"{prefix}.")]
         # Deepest first: a package's __init__ imports names from its children's.
         for name in sorted(packages, key=lambda name: name.count("."), reverse=True):
             _run_package_init(name)
@@ -104,7 +104,10 @@ def load_service(service: str) -> None:
 
 
 def _run_package_init(name: str) -> None:
-    spec = _deferred.pop(name)
+    """Run a deferred package's own ``__init__`` (a no-op once it has run)."""
+    spec = _deferred.pop(name, None)
+    if spec is None:
+        return
     module = sys.modules[name]
     module.__dict__.pop("__getattr__", None)
     assert spec.loader is not None  # a package found on the path has one
@@ -128,7 +131,7 @@ class ServiceOnDemand:
         self._real: Any = None
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.real_service(), name)
 
@@ -150,7 +153,7 @@ class _ServiceStandIn(types.ModuleType):
     """``lark_oapi.api.<service>.service`` until the service is loaded."""
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or not name.endswith("Service"):
+        if name.startswith("_") or not name.endswith("Service"):
             raise AttributeError(name)
         service = service_of(self.__name__)
         assert service is not None
@@ -179,16 +182,22 @@ class _DeferredPackageLoader(importlib.abc.Loader):
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
-        _deferred[module.__name__] = self._real_spec
-        module.__dict__["__getattr__"] = _attribute_loader(module.__name__)
+        name = module.__name__
+        _deferred[name] = self._real_spec
+        module.__dict__["__getattr__"] = _attribute_loader(name)
+        service = service_of(name)
+        if service is not None and service in _loading_or_loaded:
+            # Another thread loaded the service since this import began: no deferring now.
+            with _lock:
+                _run_package_init(name)
 
 
 def _attribute_loader(package: str) -> Callable[[str], Any]:
     """A deferred package's module ``__getattr__``: a name it lacks loads what holds it."""
 
     def load_attribute(name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
+        if name.startswith("_"):  # no service, model or module name starts so
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
         service = service_of(package)
         if service is None:  # `lark_oapi.api.<name>`: the service of that name
             if importlib.util.find_spec(f"{API_PACKAGE}.{name}") is None:
@@ -197,6 +206,8 @@ def _attribute_loader(package: str) -> Callable[[str], Any]:
         load_service(service)
         if package == API_PACKAGE:
             return importlib.import_module(f"{API_PACKAGE}.{name}")
+        with _lock:
+            _run_package_init(package)  # deferred by a race with the service's loading, if at all
         try:  # not getattr: while the service loads, this package may not have the name yet
             return sys.modules[package].__dict__[name]
         except KeyError:
@@ -207,7 +218,7 @@ def _attribute_loader(package: str) -> Callable[[str], Any]:
 
 def _root_attribute_loader(name: str) -> Any:
     """``lark_oapi``'s module ``__getattr__``: ``lark_oapi.im`` as ``from .api import *`` gave."""
-    if name.startswith("__") or importlib.util.find_spec(f"{API_PACKAGE}.{name}") is None:
+    if name.startswith("_") or importlib.util.find_spec(f"{API_PACKAGE}.{name}") is None:
         raise AttributeError(f"module {SDK_PACKAGE!r} has no attribute {name!r}")
     load_service(name)
     return importlib.import_module(f"{API_PACKAGE}.{name}")
