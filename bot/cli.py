@@ -17,7 +17,7 @@ from bot import __version__, keys_cli
 from bot.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
 from bot.doctor import command as doctor_cli
 from bot.errors import BotError, ConfigError, FeishuConnectError
-from bot.feishu import sdk_loader
+from bot.feishu import sdk_compat, sdk_loader
 from bot.logging import Redactor, configure_logging
 from bot.signals import StopRequested
 from bot.store import SECRET_KEY_ENV, secret_key_from_env
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the subcommand; return the exit code."""
-    sdk_loader.load_api_services_on_demand()  # before anything imports the Feishu SDK
+    if sdk_compat.sdk_version_supported():  # else the SDK loads whole, as it always did
+        sdk_loader.load_api_services_on_demand()  # before anything imports the SDK
     args = build_parser().parse_args(argv)
     handler: Command = args.handler
     try:

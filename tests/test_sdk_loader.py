@@ -161,6 +161,27 @@ def test_the_command_line_installs_the_hook_before_anything_imports_the_sdk() ->
     assert report == [False, True]
 
 
+def test_an_sdk_version_outside_the_tested_range_loads_whole_as_before() -> None:
+    report = run_python(
+        """
+        import importlib.metadata, json, sys
+        real_version = importlib.metadata.version
+        importlib.metadata.version = (
+            lambda name: "1.8.0" if name == "lark-oapi" else real_version(name)
+        )
+        from bot import cli
+        from bot.feishu import sdk_loader
+        try:
+            cli.main(["keys", "--help"])
+        except SystemExit:
+            pass
+        print(json.dumps(sdk_loader.is_installed()))
+        """,
+        on_demand=False,
+    )
+    assert report is False
+
+
 @pytest.mark.slow
 def test_every_service_on_demand_holds_the_names_the_sdk_gives_it() -> None:
     survey = r"""

@@ -132,16 +132,22 @@ def _release(version: str) -> tuple[int, ...] | None:
     return tuple(int(part) for part in match.group().split(".")) if match else None
 
 
+def sdk_version_supported() -> bool:
+    """Whether the installed lark-oapi is in :data:`SUPPORTED` (quietly: no log)."""
+    installed = installed_sdk_version()
+    release = _release(installed) if installed is not None else None
+    return release is not None and _TESTED_FROM <= release < _TESTED_BELOW
+
+
 def check_sdk_version() -> bool:
     """Whether the installed lark-oapi is in :data:`SUPPORTED`; log a warning when it is not.
 
     Call it once at startup: outside the tested range the private parts this module reaches
     into may have moved, and the warning names the version so the reader knows what to check.
     """
-    installed = installed_sdk_version()
-    release = _release(installed) if installed is not None else None
-    if release is not None and _TESTED_FROM <= release < _TESTED_BELOW:
+    if sdk_version_supported():
         return True
+    installed = installed_sdk_version()
     log.warning(
         "lark_oapi_version_untested",
         installed=installed,
@@ -158,7 +164,11 @@ the SDK loads services on demand (:mod:`bot.feishu.sdk_loader`)."""
 
 
 def build_client(*, app_id: str, app_secret: str, domain: str, timeout_s: float) -> Any:
-    """A ``lark_oapi.Client`` for the app, leaving the ``Lark`` logger's level as it was."""
+    """A ``lark_oapi.Client`` for the app, leaving the ``Lark`` logger's level as it was.
+
+    Its :data:`ANSWER_PATH_SERVICES` are the SDK's own service objects, loaded now when the
+    SDK loads services on demand (the client's other services load on their first use).
+    """
     import lark_oapi as lark
 
     sdk_logger = logging.getLogger(SDK_LOGGER)

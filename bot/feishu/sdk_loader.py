@@ -3,8 +3,8 @@
 ``import lark_oapi`` runs ``lark_oapi/api/__init__.py``, which imports every API service the
 SDK has (about 60, each with every version, resource and model: some 9,700 modules, 110 MiB of
 the process's memory and 3 s of its start), and ``lark_oapi/client.py``, which imports every
-service's ``service.py`` to build one of each in ``Client``. The bot calls four of them (``im``,
-``cardkit``, ``auth``, ``contact``).
+service's ``service.py`` to build one of each in ``Client``. The bot answers with three of them
+(``im``, ``cardkit``, ``auth``: :data:`bot.feishu.sdk_compat.ANSWER_PATH_SERVICES`).
 
 :func:`load_api_services_on_demand` installs an import hook (a ``sys.meta_path`` finder) for
 ``lark_oapi.api`` and below, after which:
@@ -25,9 +25,11 @@ service's ``service.py`` to build one of each in ``Client``. The bot calls four 
 So code written for the SDK works unchanged; what a process never uses it never loads. The
 hook relies on the SDK's generated layout (``lark_oapi/api/<service>/service.py`` defining
 ``<Name>Service(config)``, and packages whose ``__init__`` only imports their own children),
-the same in every lark-oapi release to date; ``tests/test_sdk_loader.py`` loads every service
+checked for the versions :data:`bot.feishu.sdk_compat.SUPPORTED` names;
+``tests/test_sdk_loader.py`` loads every service
 on demand and compares it with the SDK's own ``__init__``. Install it once per process, before
-the SDK is imported, at the edge (:func:`bot.cli.main`). The long-connection process loads
+the SDK is imported, at the edge (:func:`bot.cli.main` does, for those versions only: another
+version loads whole, as it always did). The long-connection process loads
 only the WebSocket client and does not need it (see :mod:`bot.feishu.sdk_compat`).
 """
 
@@ -60,7 +62,7 @@ def load_api_services_on_demand() -> None:
     Call it before the SDK is imported: an API module imported before stays as it is.
     """
     with _lock:
-        if not any(isinstance(finder, _ApiFinder) for finder in sys.meta_path):
+        if not is_installed():
             sys.meta_path.insert(0, _ApiFinder())
 
 
