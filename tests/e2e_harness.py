@@ -93,10 +93,16 @@ class BotProcess:
         return self.process is not None and self.process.poll() is not None
 
     def children(self) -> list[int]:
-        """The pids of the bot's live child processes (its long connection's)."""
+        """The pids of the bot's live child processes (its long connection's), whichever of
+        its threads started them."""
         assert self.process is not None
-        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in path.read_text().split()]
+        pids: list[int] = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            try:
+                pids += [int(pid) for pid in (task / "children").read_text().split()]
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+        return sorted(pids)
 
     def signal(self, number: int) -> None:
         assert self.process is not None

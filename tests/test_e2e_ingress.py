@@ -1,6 +1,6 @@
 """The long connection's own process (bot/feishu/ingress.py), end to end: `python -m bot run`.
 
-The bot forks a process that holds the long connection, journals every message event and
+The bot starts a process that holds the long connection, journals every message event and
 acknowledges it; these tests freeze, kill and restart the two processes around messages and
 check what Feishu saw (the ACKs), what the journal and the store hold, and what the user gets.
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.feishu.ingress import RESTARTS_PER_WINDOW
 from tests.e2e_harness import USER_A, BotProcess, World, make_world
 
 pytestmark = pytest.mark.slow
@@ -106,11 +107,57 @@ def test_a_stopped_bot_leaves_no_long_connection_process_behind(world: World) ->
     assert world.fs.open_connections() == []
 
 
-def test_the_long_connection_process_dying_ends_the_bot_with_a_clear_error(world: World) -> None:
+def test_a_killed_long_connection_process_is_started_again_and_the_bot_keeps_answering(
+    world: World,
+) -> None:
     bot = world.start_bot()
-    os.kill(the_long_connection_process(bot), signal.SIGKILL)
+    first = the_long_connection_process(bot)
+    os.kill(first, signal.SIGKILL)
+    (restarted,) = bot.wait_for_event("ingress_restarted")
+    assert restarted["status"] == "killed by signal 9"
+    bot.wait_for_event("feishu_reconnected")
+    assert the_long_connection_process(bot) != first
+    message = world.send("p2p_text", text="still there?", sender_open_id=USER_A)
+    assert world.wait_for_final_reply(message) == "echo: still there?"
+    bot.wait_for_event("reply_sent")
+    assert bot.stop() == 0
+    assert len(world.replies(message)) == 1
+    assert "Traceback" not in bot.output
+
+
+def test_what_a_dying_process_acknowledged_is_answered_once(world: World) -> None:
+    bot = world.start_bot()
+    child = the_long_connection_process(bot)
+    bot.signal(signal.SIGSTOP)  # the bot cannot read what the process passes on
+    try:
+        message = world.send("p2p_text", text="just before the crash", sender_open_id=USER_A)
+        world.fs.wait_for_ack_blocking(world.frame_of(message), timeout=10)
+        os.kill(child, signal.SIGKILL)  # journaled, passed on and acknowledged, then killed
+    finally:
+        bot.signal(signal.SIGCONT)
+    assert world.wait_for_final_reply(message) == "echo: just before the crash"
+    bot.wait_for_event("ingress_restarted")
+    bot.wait_for_event("feishu_reconnected")
+    bot.wait_for_event("reply_sent")
+    assert bot.stop() == 0
+    assert len(world.replies(message)) == 1
+    assert journaled(world) == []
+
+
+def test_a_long_connection_process_that_keeps_dying_ends_the_bot_with_a_clear_error(
+    world: World,
+) -> None:
+    bot = world.start_bot()
+    for restarts in range(1, RESTARTS_PER_WINDOW + 1):
+        os.kill(the_long_connection_process(bot), signal.SIGKILL)
+        bot.wait_for_event("ingress_restarted", count=restarts)
+        bot.wait_for_event("feishu_reconnected", count=restarts)
+    os.kill(the_long_connection_process(bot), signal.SIGKILL)  # once more within the minute
     assert bot.wait(30) == 1
-    assert "long-connection process ended unexpectedly (killed by signal 9)" in bot.output
+    assert (
+        "long-connection process ended unexpectedly (killed by signal 9) and was not started "
+        "again" in bot.output
+    )
     assert "Traceback" not in bot.output
 
 

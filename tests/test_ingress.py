@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -24,7 +25,13 @@ import structlog
 from lark_oapi.ws.exception import ClientException
 
 from bot.config import Settings
-from bot.feishu.ingress import ChildWsClient, IngressConfig, IngressExited, IngressProcess
+from bot.feishu.ingress import (
+    ChildWsClient,
+    IngressConfig,
+    IngressExited,
+    IngressProcess,
+    RestartBudget,
+)
 from bot.feishu.ingress_child import EventForwarder, message_id_of
 
 SAMPLES = Path(__file__).parent / "fakes" / "samples"
@@ -63,6 +70,12 @@ class Peer:
     def receive(self) -> bytes:
         return self.connection.recv_bytes()
 
+    def die(self) -> None:
+        """The stand-in process dies as a killed long-connection process does."""
+        self._process.kill()
+        self._process.wait()
+        self.connection.close()
+
     def close(self) -> None:
         self.connection.close()
         if self._process.stdin is not None and not self._process.stdin.closed:
@@ -80,6 +93,43 @@ def pair() -> Iterator[tuple[IngressProcess, Peer]]:
     yield ingress, peer
     peer.close()
     ingress.close()
+
+
+class Restartable:
+    """An :class:`IngressProcess` that starts a new stand-in process (and its peer) each time
+    it is restarted, as the real one starts a new long-connection process."""
+
+    def __init__(self) -> None:
+        self.peers: queue.Queue[Peer] = queue.Queue()
+        self._all: list[tuple[IngressProcess, Peer]] = []
+        process, connection = self._start()
+        self.ingress = IngressProcess(process, connection, starter=self._start)
+
+    def _start(self) -> tuple[subprocess.Popen[bytes], Connection]:
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        )
+        self.peers.put(Peer(Connection(theirs.detach()), process))
+        return process, Connection(ours.detach())
+
+    def next_peer(self) -> Peer:
+        """The peer of the process started next (or already started), in start order."""
+        peer = self.peers.get(timeout=5)
+        self._all.append((self.ingress, peer))
+        return peer
+
+    def close(self) -> None:
+        for _, peer in self._all:
+            peer.close()
+        self.ingress.close()
+
+
+@pytest.fixture
+def restartable() -> Iterator[Restartable]:
+    handle = Restartable()
+    yield handle
+    handle.close()
 
 
 def run_client(client: ChildWsClient) -> tuple[threading.Thread, list[BaseException]]:
@@ -105,8 +155,15 @@ def stop_as_the_channel_does(client: ChildWsClient, peer: Peer, thread: threadin
     assert not thread.is_alive()
 
 
-def stand_in(ingress: IngressProcess, dispatcher: Dispatcher, exits: list[str]) -> ChildWsClient:
-    # Called the way the channel calls the SDK's client.
+def stand_in(
+    ingress: IngressProcess,
+    dispatcher: Dispatcher,
+    exits: list[str],
+    *,
+    restarts: RestartBudget | None = None,
+    on_restarted: Callable[[], None] = lambda: None,
+) -> ChildWsClient:
+    # Called the way the channel calls the SDK's client (the gateway adds on_restarted).
     return ChildWsClient(
         ingress,
         exits.append,
@@ -116,7 +173,99 @@ def stand_in(ingress: IngressProcess, dispatcher: Dispatcher, exits: list[str]) 
         event_handler=dispatcher,
         domain="http://127.0.0.1:1",
         auto_reconnect=True,
+        on_restarted=on_restarted,
+        restarts=restarts,
     )
+
+
+def test_a_process_that_dies_is_started_again_and_the_channel_hears_a_reconnect(
+    restartable: Restartable,
+) -> None:
+    dispatcher, exits, signals, restarted = Dispatcher(), [], [], threading.Event()
+    client = stand_in(restartable.ingress, dispatcher, exits, on_restarted=restarted.set)
+    client.on_reconnecting = lambda: signals.append("reconnecting")
+    client.on_reconnected = lambda: signals.append("reconnected")
+    thread, errors = run_client(client)
+    first = restartable.next_peer()
+    assert first.receive() == b"connect"
+    first.send(b"C")
+    first.send(b"E" + sample("p2p_text"))
+    first.die()  # what it sent before it died is handed over first
+    second = restartable.next_peer()
+    assert second.receive() == b"connect"  # the new process, asked to connect
+    assert restarted.wait(5)
+    assert client._conn is None  # not connected until the new process says so
+    second.send(b"C")
+    second.send(b"E" + sample("p2p_post"))
+    stop_as_the_channel_does(client, second, thread)
+    assert errors == []
+    assert exits == []
+    assert dispatcher.payloads == [sample("p2p_text"), sample("p2p_post")]
+    assert signals == ["reconnecting", "reconnected"]
+
+
+def test_a_process_that_keeps_dying_ends_the_connection_once_the_restarts_are_spent(
+    restartable: Restartable,
+) -> None:
+    exits: list[str] = []
+    budget = RestartBudget(limit=2, window_s=60, clock=lambda: 0.0)
+    with structlog.testing.capture_logs() as logs:
+        thread, errors = run_client(
+            stand_in(restartable.ingress, Dispatcher(), exits, restarts=budget)
+        )
+        for _ in range(3):  # the first process and two restarts
+            peer = restartable.next_peer()
+            assert peer.receive() == b"connect"
+            peer.send(b"C")
+            peer.die()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert errors == []
+    assert exits == ["killed by signal 9"]
+    assert [entry["event"] for entry in logs if entry["event"].startswith("ingress_")] == [
+        "ingress_restarted",
+        "ingress_restarted",
+        "ingress_exited",
+    ]
+    assert restartable.peers.empty()  # no fourth process
+
+
+def test_a_new_process_that_feishu_refuses_ends_the_connection_with_the_reason(
+    restartable: Restartable,
+) -> None:
+    exits: list[str] = []
+    thread, errors = run_client(stand_in(restartable.ingress, Dispatcher(), exits))
+    first = restartable.next_peer()
+    assert first.receive() == b"connect"
+    first.send(b"C")
+    first.die()
+    second = restartable.next_peer()
+    assert second.receive() == b"connect"
+    second.send(b"F" + json.dumps({"code": 1000040351, "msg": "app not found"}).encode())
+    thread.join(timeout=5)
+    assert errors == []
+    assert exits == ["Feishu refused its connection: app not found (code 1000040351)"]
+
+
+def test_a_closed_handle_starts_no_new_process(restartable: Restartable) -> None:
+    restartable.next_peer()
+    restartable.ingress.close()
+    assert not restartable.ingress.restart()
+    assert restartable.peers.empty()
+
+
+def test_the_restart_budget_counts_the_restarts_of_the_last_window() -> None:
+    now = [0.0]
+    budget = RestartBudget(limit=2, window_s=60, clock=lambda: now[0])
+    assert budget.take()
+    now[0] = 30
+    assert budget.take()
+    assert not budget.take()  # a third within 60 s
+    now[0] = 60  # the first has left the window
+    assert budget.take()
+    assert not budget.take()
+    now[0] = 200
+    assert budget.take()
 
 
 def test_events_reach_the_channels_dispatcher_in_order_with_the_reconnect_signals(

@@ -87,6 +87,7 @@ class FeishuGateway:
         self._answerer: Answerer | None = None
         self._welcomer: Welcomer | None = None
         self._greetings: set[asyncio.Task[None]] = set()
+        self._replays: set[asyncio.Task[None]] = set()
         self._on_lost = on_lost
         self._ingress = ingress
         self._restore_ws_client: Callable[[], None] | None = None
@@ -187,10 +188,11 @@ class FeishuGateway:
                 await self._watchdog
         if self._answerer is not None:
             await self._answerer.stop(self._settings.feishu.shutdown_grace_s)
-        if self._greetings:
-            _, late = await asyncio.wait(set(self._greetings), timeout=5)
-            for task in late:
-                task.cancel()
+        for tasks in (self._greetings, self._replays):
+            if tasks:
+                _, late = await asyncio.wait(set(tasks), timeout=5)
+                for task in late:
+                    task.cancel()
         await self._stop_channel()
 
     async def _stop_channel(self) -> None:
@@ -239,7 +241,11 @@ class FeishuGateway:
         # The long-connection process journals and acknowledges; the channel gets its events.
         self._restore_ws_client = sdk_compat.use_ws_client(
             lambda *args, **kwargs: ChildWsClient(
-                self._ingress, self._ingress_exited, *args, **kwargs
+                self._ingress,
+                self._ingress_exited,
+                *args,
+                on_restarted=self._ingress_restarted,
+                **kwargs,
             )
         )
         # Called on the thread that dispatches events: hand over to the bot's loop.
@@ -348,12 +354,27 @@ class FeishuGateway:
         )
 
     def _ingress_exited(self, status: str) -> None:
-        """On the channel's start thread: the long-connection process died on its own."""
+        """On the channel's start thread: the long-connection process died on its own once too
+        often (or its replacement was refused)."""
         self._loop.call_soon_threadsafe(
             self._give_up,
-            f"the long-connection process ended unexpectedly ({status}); start the bot again "
-            "(what it had acknowledged is answered then)",
+            f"the long-connection process ended unexpectedly ({status}) and was not started "
+            "again; start the bot again (what it had acknowledged is answered then)",
         )
+
+    def _ingress_restarted(self) -> None:
+        """On the channel's start thread: a new long-connection process replaces one that died.
+
+        Whatever the dead one passed on has been handed to the channel; what it journaled but
+        could not pass on (it was not acknowledged, so Feishu sends it again too) is replayed
+        now, and the accept gate drops whichever copy comes second.
+        """
+        self._loop.call_soon_threadsafe(self._replay_in_background)
+
+    def _replay_in_background(self) -> None:
+        task = asyncio.create_task(self._replay_arrivals())
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
 
     def _give_up(self, reason: str) -> None:
         """The connection is gone for good: say why and stop the bot."""

@@ -18,9 +18,13 @@ SDK's WebSocket client inside the ``FeishuChannel`` (see
 exactly as the SDK's client would, so the channel's normalisation, policies and the bot's
 handlers work unchanged. The protocol between the two is in :mod:`bot.feishu.ingress_child`.
 
-A process that dies on its own ends the bot's long connection for good: :class:`ChildWsClient`
-reports it and the gateway stops the bot (exit 1) for its supervisor to start it again; what
-the process had acknowledged is in the journal and answered at the next start.
+A process that dies on its own (the out-of-memory killer, a crash) is started again in its
+place by :class:`ChildWsClient`, which the channel sees as a reconnect; nothing it had
+acknowledged is lost, since it journals an event and passes it on before the SDK acknowledges
+it: what it passed on is read to the end first, and the gateway replays the journal once the
+new process is started. A process that keeps dying (more than :data:`RESTARTS_PER_WINDOW`
+times within :data:`RESTART_WINDOW_S`) ends the bot's long connection for good: the gateway
+stops the bot (exit 1) for its supervisor to start it again.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -56,6 +62,13 @@ log = get_logger(__name__)
 
 #: how long the bot waits for the process to end when asked, or to be gone once its socket is
 EXIT_TIMEOUT_S: Final = 5.0
+#: how often a process that died on its own is started again within :data:`RESTART_WINDOW_S`
+RESTARTS_PER_WINDOW: Final = 3
+#: the window of :data:`RESTARTS_PER_WINDOW`, in seconds
+RESTART_WINDOW_S: Final = 60.0
+
+#: starts a long-connection process: the process, and the bot's end of its socket
+Starter = Callable[[], tuple["subprocess.Popen[bytes]", Connection]]
 
 
 class IngressExited(Exception):
@@ -91,13 +104,49 @@ class IngressConfig:
         )
 
 
-class IngressProcess:
-    """The bot's handle on the long-connection process."""
+class RestartBudget:
+    """How often a long-connection process that died on its own may be started again: at most
+    ``limit`` times within any ``window_s`` seconds."""
 
-    def __init__(self, process: subprocess.Popen[bytes], connection: Connection) -> None:
+    def __init__(
+        self,
+        limit: int = RESTARTS_PER_WINDOW,
+        window_s: float = RESTART_WINDOW_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limit = limit
+        self._window_s = window_s
+        self._clock = clock
+        self._restarts: deque[float] = deque()
+
+    def take(self) -> bool:
+        """Count one restart now; False (and not counted) when the budget is spent."""
+        now = self._clock()
+        while self._restarts and now - self._restarts[0] >= self._window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= self._limit:
+            return False
+        self._restarts.append(now)
+        return True
+
+
+class IngressProcess:
+    """The bot's handle on the long-connection process (the one running now: :meth:`restart`
+    replaces a process that ended by a new one)."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        connection: Connection,
+        *,
+        starter: Starter | None = None,
+    ) -> None:
         self._process = process
         self._connection = connection
+        self._starter = starter
         self._send_lock = threading.Lock()
+        self._closed = False
 
     @property
     def pid(self) -> int:
@@ -107,18 +156,27 @@ class IngressProcess:
     @classmethod
     def spawn(cls, config: IngressConfig) -> IngressProcess:
         """Start the long-connection process and hand it ``config``; it waits for ``connect``."""
-        ours, theirs = socket.socketpair()
-        with theirs:
-            child = [sys.executable, "-m", "bot.feishu.ingress_child"]
-            process = subprocess.Popen(  # noqa: S603 - this interpreter, the bot's own module
-                [*child, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-            )
-        ingress = cls(process, Connection(ours.detach()))
-        ingress.send(CONFIG + json.dumps(asdict(config)).encode())
-        log.debug("ingress_started", pid=process.pid)
-        return ingress
+
+        def start() -> tuple[subprocess.Popen[bytes], Connection]:
+            return _start_process(config)
+
+        process, connection = start()
+        return cls(process, connection, starter=start)
+
+    @property
+    def restartable(self) -> bool:
+        """Whether :meth:`restart` can start a new process (the handle knows how)."""
+        return self._starter is not None
+
+    def restart(self) -> bool:
+        """Start a new process in place of the one that ended, with the same configuration;
+        False when the handle is closed (the bot is stopping) or cannot start one."""
+        with self._send_lock:
+            if self._closed or self._starter is None:
+                return False
+            self._connection.close()
+            self._process, self._connection = self._starter()
+            return True
 
     def send(self, message: bytes) -> None:
         """Send one message to the process (any thread); quietly nothing once it is gone."""
@@ -141,6 +199,8 @@ class IngressProcess:
     def close(self, timeout_s: float = EXIT_TIMEOUT_S) -> None:
         """Ask the process to stop, wait for it (then kill it), release the socket."""
         self.send(STOP)
+        with self._send_lock:
+            self._closed = True  # from now on no restart
         try:
             self._process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -149,14 +209,33 @@ class IngressProcess:
         self._connection.close()
 
 
+def _start_process(config: IngressConfig) -> tuple[subprocess.Popen[bytes], Connection]:
+    """Start ``python -m bot.feishu.ingress_child`` and send it ``config``."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        child = [sys.executable, "-m", "bot.feishu.ingress_child"]
+        process = subprocess.Popen(  # noqa: S603 - this interpreter, the bot's own module
+            [*child, str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+    connection = Connection(ours.detach())
+    with contextlib.suppress(OSError):  # a process that died at once is seen at its first read
+        connection.send_bytes(CONFIG + json.dumps(asdict(config)).encode())
+    log.debug("ingress_started", pid=process.pid)
+    return process, connection
+
+
 class ChildWsClient:
     """Stands in for ``lark_oapi.ws.Client`` inside the ``FeishuChannel``: the connection is the
     child's; this hands what it receives to the channel's dispatcher.
 
     The channel builds it with the SDK client's arguments and calls :meth:`start` on its start
     thread (blocking, as the SDK's does) and :meth:`stop` when it stops; it polls ``_conn`` to
-    learn that the connection is up. ``on_exit(status)`` is called when the child dies on its
-    own after connecting.
+    learn that the connection is up. A child that dies on its own after connecting is started
+    again (within ``restarts``; the channel hears ``reconnecting``, then ``reconnected``, and
+    ``on_restarted()`` is called once the new child is asked to connect); when the budget is
+    spent, or the new child is refused, ``on_exit(status)`` is called and :meth:`start` returns.
     """
 
     def __init__(
@@ -165,10 +244,14 @@ class ChildWsClient:
         on_exit: Callable[[str], None],
         *_: Any,
         event_handler: Any,
+        on_restarted: Callable[[], None] = lambda: None,
+        restarts: RestartBudget | None = None,
         **__: Any,
     ) -> None:
         self._ingress = ingress
         self._on_exit = on_exit
+        self._on_restarted = on_restarted
+        self._restarts = restarts or RestartBudget()
         self._event_handler = event_handler
         self._conn: object | None = None  # read by the channel: not None once connected
         self._stopping = False
@@ -176,33 +259,52 @@ class ChildWsClient:
         self.on_reconnected: Callable[[], None] = lambda: None
 
     def start(self) -> None:
-        """Connect through the child, then hand over events until the child is gone.
+        """Connect through the child, then hand over events until it is gone for good.
 
         The SDK's client retries a first connection that failed for another reason than a
         refusal, saying ``reconnecting`` before it is connected: only the child's ``connected``
         makes the channel see the connection up.
         """
+        self._ingress.send(CONNECT)
+        connected_once = False
+        while True:
+            refusal = self._relay(first=not connected_once)
+            connected_once = connected_once or self._conn is not None
+            self._conn = None
+            if self._stopping:
+                return
+            status = refusal or self._ingress.exit_status(wait_s=EXIT_TIMEOUT_S)
+            if not connected_once:
+                raise IngressExited(f"the long-connection process ended ({status})")
+            if refusal is not None or not self._ingress.restartable or not self._restarts.take():
+                log.error("ingress_exited", status=status)
+                self._on_exit(status)
+                return
+            log.warning("ingress_restarted", status=status)
+            self.on_reconnecting()
+            if not self._ingress.restart():  # closed meanwhile: the bot is stopping
+                return
+            self._ingress.send(CONNECT)
+            self._on_restarted()
+
+    def _relay(self, *, first: bool) -> str | None:
+        """Hand over what the current child sends until it is gone; return why it was refused
+        (``None``: it was not). A refusal of the first connection raises the SDK's exception."""
         from lark_oapi.ws.exception import ClientException
 
-        self._ingress.send(CONNECT)
-        connected = False
         while (message := self._ingress.receive()) is not None:
             if message == CONNECTED:
-                connected = True
                 self._conn = self._ingress
+                if not first:
+                    self.on_reconnected()
             elif message.startswith(REFUSED):
                 refusal = json.loads(message[1:])
-                raise ClientException(int(refusal["code"]), str(refusal["msg"]))
+                if first:
+                    raise ClientException(int(refusal["code"]), str(refusal["msg"]))
+                return f"Feishu refused its connection: {refusal['msg']} (code {refusal['code']})"
             else:
                 self._take(message)
-        self._conn = None
-        if self._stopping:
-            return
-        status = self._ingress.exit_status(wait_s=EXIT_TIMEOUT_S)
-        if not connected:
-            raise IngressExited(f"the long-connection process ended ({status})")
-        log.error("ingress_exited", status=status)
-        self._on_exit(status)
+        return None
 
     def stop(self) -> None:
         """Ask the child to disconnect and end (the channel's stop calls this)."""
