@@ -54,6 +54,20 @@ def run_bot(
     )
 
 
+def run_python(source: str, *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c SOURCE`` in a fresh interpreter from the project's root, the bot's
+    environment, and capture its output (what a module imports is seen only there)."""
+    return subprocess.run(
+        [sys.executable, "-c", source],
+        cwd=REPO_ROOT,
+        env=bot_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def write_settings(path: Path, settings: dict[str, object]) -> Path:
     """Write a settings mapping as YAML and return the path."""
     path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,8 +19,8 @@ from bot.media.formulas import (
     formulas_as_code,
     place_images,
 )
+from tests.helpers import run_python
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -345,14 +342,7 @@ def test_finding_and_rewriting_formulas_does_not_import_matplotlib() -> None:
         assert "matplotlib" not in sys.modules, sorted(sys.modules)
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(script)
     assert result.returncode == 0, result.stderr
 
 

@@ -33,6 +33,7 @@ from bot.feishu.ingress import (
     RestartBudget,
 )
 from bot.feishu.ingress_child import EventForwarder, message_id_of
+from tests.helpers import run_python
 
 SAMPLES = Path(__file__).parent / "fakes" / "samples"
 
@@ -499,7 +500,6 @@ def test_the_process_loads_the_sdks_websocket_client_and_little_else() -> None:
         "         'pkg_resources')\n"
         "print(sorted({m for m in sys.modules if m.startswith(heavy)}))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

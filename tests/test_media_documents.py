@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,7 +16,7 @@ from bot.media.documents import (
     extract_text,
     is_readable_file,
 )
-from tests.helpers import REPO_ROOT, bot_environment
+from tests.helpers import run_python
 from tests.media_fixtures import make_encrypted_pdf, make_pdf, make_png
 
 CHINESE = "会议纪要：第一季度销售额增长百分之十二。\n下一步：招聘两名工程师。"
@@ -232,14 +230,7 @@ def test_importing_the_media_modules_loads_no_media_library() -> None:
         "print(sorted(name for name in ('av', 'PIL', 'pypdf') if name in sys.modules))\n"
     )
 
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        env=bot_environment(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    result = run_python(script)
 
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -6,34 +6,24 @@ Each test runs in a fresh interpreter, since the hook and what it loaded are per
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import run_python
 
 ON_DEMAND = "from bot.feishu import sdk_loader; sdk_loader.load_api_services_on_demand()\n"
 
 
-def run_python(code: str, *, on_demand: bool = True) -> object:
+def run_survey(code: str, *, on_demand: bool = True) -> object:
     """Run ``code`` in a fresh interpreter; return what it printed last, as JSON."""
-    source = (ON_DEMAND if on_demand else "") + textwrap.dedent(code)
-    done = subprocess.run(
-        [sys.executable, "-c", source],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_python((ON_DEMAND if on_demand else "") + textwrap.dedent(code), timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_the_bot_client_loads_only_the_services_it_answers_with() -> None:
-    report = run_python(
+    report = run_survey(
         """
         import json, sys
         import openai
@@ -64,7 +54,7 @@ def test_the_bot_client_loads_only_the_services_it_answers_with() -> None:
 
 
 def test_a_service_the_bot_does_not_use_still_works_on_first_use() -> None:
-    report = run_python(
+    report = run_survey(
         """
         import json
         import lark_oapi as lark
@@ -96,7 +86,7 @@ def test_a_service_the_bot_does_not_use_still_works_on_first_use() -> None:
 
 
 def test_a_name_no_service_has_is_an_attribute_error_as_before() -> None:
-    report = run_python(
+    report = run_survey(
         """
         import json
         import lark_oapi as lark
@@ -122,7 +112,7 @@ def test_a_name_no_service_has_is_an_attribute_error_as_before() -> None:
 
 
 def test_threads_that_first_use_one_service_together_get_the_same_loaded_service() -> None:
-    report = run_python(
+    report = run_survey(
         """
         import json, threading
         import lark_oapi as lark
@@ -144,7 +134,7 @@ def test_threads_that_first_use_one_service_together_get_the_same_loaded_service
 
 
 def test_the_command_line_installs_the_hook_before_anything_imports_the_sdk() -> None:
-    report = run_python(
+    report = run_survey(
         """
         import json, sys
         from bot import cli
@@ -162,7 +152,7 @@ def test_the_command_line_installs_the_hook_before_anything_imports_the_sdk() ->
 
 
 def test_an_sdk_version_outside_the_tested_range_loads_whole_as_before() -> None:
-    report = run_python(
+    report = run_survey(
         """
         import importlib.metadata, json, sys
         real_version = importlib.metadata.version
@@ -208,4 +198,4 @@ def test_every_service_on_demand_holds_the_names_the_sdk_gives_it() -> None:
                 ) if resources is not None else None
         print(json.dumps(names))
         """
-    assert run_python(survey, on_demand=True) == run_python(survey, on_demand=False)
+    assert run_survey(survey, on_demand=True) == run_survey(survey, on_demand=False)

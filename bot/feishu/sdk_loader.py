@@ -174,14 +174,18 @@ class _ServiceStandInLoader(importlib.abc.Loader):
         return None
 
 
-class _DeferredPackageLoader(importlib.abc.Loader):
-    """Creates a package without running its ``__init__`` (kept for :func:`load_service`)."""
+class _WrappingLoader(importlib.abc.Loader):
+    """A loader in front of the one the path finder found (``real_spec``'s)."""
 
     def __init__(self, real_spec: importlib.machinery.ModuleSpec) -> None:
         self._real_spec = real_spec
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
-        return None
+        return None  # the default module object
+
+
+class _DeferredPackageLoader(_WrappingLoader):
+    """Creates a package without running its ``__init__`` (kept for :func:`load_service`)."""
 
     def exec_module(self, module: types.ModuleType) -> None:
         name = module.__name__
@@ -226,14 +230,8 @@ def _root_attribute_loader(name: str) -> Any:
     return importlib.import_module(f"{API_PACKAGE}.{name}")
 
 
-class _RootLoader(importlib.abc.Loader):
+class _RootLoader(_WrappingLoader):
     """Runs ``lark_oapi/__init__.py`` as usual, then gives the package the fallback above."""
-
-    def __init__(self, real_spec: importlib.machinery.ModuleSpec) -> None:
-        self._real_spec = real_spec
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
-        return None
 
     def exec_module(self, module: types.ModuleType) -> None:
         assert self._real_spec.loader is not None
