@@ -457,3 +457,8 @@ def test_a_stopping_ws_client_does_not_reconnect() -> None:
     sdk_compat.disable_auto_reconnect(ws_client)
     assert ws_client._auto_reconnect is False
     sdk_compat.disable_auto_reconnect(None)  # a channel that never connected has none
+    # The client's cache scheduled its clean-up task on a loop nobody runs here: end it, or its
+    # coroutine warns "never awaited" whenever the collector finds it, in some later test.
+    cleanup = ws_client._cache._cron
+    cleanup.cancel()
+    cleanup.get_loop().run_until_complete(asyncio.gather(cleanup, return_exceptions=True))
