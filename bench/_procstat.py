@@ -100,6 +100,7 @@ def import_floor_mib(*, on_demand: bool = False) -> float:
     """
     done = subprocess.run(
         [sys.executable, "-c", _ON_DEMAND_FLOOR_CODE if on_demand else _IMPORT_FLOOR_CODE],
+        cwd=Path(__file__).resolve().parent.parent,  # the project's root: `bot` is importable
         capture_output=True,
         text=True,
         check=True,
