@@ -202,16 +202,12 @@ def _attribute_loader(package: str) -> Callable[[str], Any]:
     """A deferred package's module ``__getattr__``: a name it lacks loads what holds it."""
 
     def load_attribute(name: str) -> Any:
-        if name.startswith("_"):  # no service, model or module name starts so
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
         service = service_of(package)
         if service is None:  # `lark_oapi.api.<name>`: the service of that name
-            if importlib.util.find_spec(f"{API_PACKAGE}.{name}") is None:
-                raise AttributeError(f"module {package!r} has no attribute {name!r}")
-            service = name
+            return _service_package(package, name)
+        if name.startswith("_"):  # no model or module name starts so
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
         load_service(service)
-        if package == API_PACKAGE:
-            return importlib.import_module(f"{API_PACKAGE}.{name}")
         with _lock:
             _run_package_init(package)  # deferred by a race with the service's loading, if at all
         try:  # not getattr: while the service loads, this package may not have the name yet
@@ -222,12 +218,19 @@ def _attribute_loader(package: str) -> Callable[[str], Any]:
     return load_attribute
 
 
-def _root_attribute_loader(name: str) -> Any:
-    """``lark_oapi``'s module ``__getattr__``: ``lark_oapi.im`` as ``from .api import *`` gave."""
+def _service_package(owner: str, name: str) -> types.ModuleType:
+    """``lark_oapi.api.<name>``, loaded, for ``owner.<name>`` (owner: ``lark_oapi``, which
+    ``from .api import *`` gave the services, or ``lark_oapi.api``); AttributeError when no
+    service has that name."""
     if name.startswith("_") or importlib.util.find_spec(f"{API_PACKAGE}.{name}") is None:
-        raise AttributeError(f"module {SDK_PACKAGE!r} has no attribute {name!r}")
+        raise AttributeError(f"module {owner!r} has no attribute {name!r}")
     load_service(name)
     return importlib.import_module(f"{API_PACKAGE}.{name}")
+
+
+def _root_attribute_loader(name: str) -> Any:
+    """``lark_oapi``'s module ``__getattr__``: ``lark_oapi.im`` as ``from .api import *`` gave."""
+    return _service_package(SDK_PACKAGE, name)
 
 
 class _RootLoader(_WrappingLoader):
