@@ -144,6 +144,27 @@ def test_what_a_dying_process_acknowledged_is_answered_once(world: World) -> Non
     assert journaled(world) == []
 
 
+def test_a_journal_that_cannot_be_read_after_a_restart_is_logged_and_the_bot_serves_on(
+    world: World,
+) -> None:
+    bot = world.start_bot()
+    first = world.send("p2p_text", text="before", sender_open_id=USER_A)
+    assert world.wait_for_final_reply(first) == "echo: before"  # the journal exists now
+    with closing(sqlite3.connect(world.workdir / "data" / "bot.db.arrivals")) as journal:
+        journal.execute("DROP TABLE arrivals")  # the bot's replay cannot read it now
+        journal.commit()
+    os.kill(the_long_connection_process(bot), signal.SIGKILL)
+    (failure,) = bot.wait_for_event("arrivals_not_replayed")
+    assert "arrivals" in failure["error"]
+    bot.wait_for_event("feishu_reconnected")
+    message = world.send("p2p_text", text="after", sender_open_id=USER_A)
+    assert world.wait_for_final_reply(message) == "echo: after"
+    bot.wait_for_event("reply_sent", count=2)
+    assert bot.stop() == 0
+    assert len(world.replies(message)) == 1
+    assert "Traceback" not in bot.output
+
+
 def test_a_long_connection_process_that_keeps_dying_ends_the_bot_with_a_clear_error(
     world: World,
 ) -> None:

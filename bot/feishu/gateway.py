@@ -193,6 +193,7 @@ class FeishuGateway:
                 _, late = await asyncio.wait(set(tasks), timeout=5)
                 for task in late:
                     task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
         await self._stop_channel()
 
     async def _stop_channel(self) -> None:
@@ -372,9 +373,16 @@ class FeishuGateway:
         self._loop.call_soon_threadsafe(self._replay_in_background)
 
     def _replay_in_background(self) -> None:
-        task = asyncio.create_task(self._replay_arrivals())
+        """Start the replay after a restart; :meth:`stop` awaits it (or cancels it)."""
+        task = asyncio.create_task(self._replay_after_restart())
         self._replays.add(task)
         task.add_done_callback(self._replays.discard)
+
+    async def _replay_after_restart(self) -> None:
+        try:
+            await self._replay_arrivals()
+        except Exception as exc:  # the bot serves on: Feishu sends unacknowledged events again
+            log.error("arrivals_not_replayed", error=f"{type(exc).__name__}: {exc}")
 
     def _give_up(self, reason: str) -> None:
         """The connection is gone for good: say why and stop the bot."""
