@@ -325,3 +325,114 @@ async def test_the_journal_is_a_file_of_its_own_and_takes_over_older_entries(
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT COUNT(*) FROM arrivals").fetchone() == (0,)
+
+
+# ---- accepts waiting for the store's thread are written together -----------------------------
+
+
+def _entry(message_id: str) -> InboxEntry:
+    return InboxEntry(message_id, f"conv-{message_id}", f"payload {message_id}", received_at=1.0)
+
+
+def _count_transactions(store: SQLiteStore) -> list[str]:
+    """The ``BEGIN IMMEDIATE`` statements the store's writing connection runs from now on."""
+    begun: list[str] = []
+    assert store._connection is not None
+    store._connection.set_trace_callback(
+        lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE" else None
+    )
+    return begun
+
+
+async def _queued_accepts(store: SQLiteStore, ids: list[str]) -> list[asyncio.Task[bool]]:
+    """Start an accept for each id while the store's thread is busy; return once all wait."""
+    tasks = [asyncio.create_task(store.accept_message(_entry(i), 3600)) for i in ids]
+    await asyncio.sleep(0)  # one turn of the loop: each task runs up to its wait
+    assert len(store._accepts) == len(ids)
+    return tasks
+
+
+async def test_accepts_waiting_for_the_store_thread_are_written_in_one_transaction(
+    store: SQLiteStore,
+) -> None:
+    assert await store.accept_message(_entry("om_old"), 3600)
+    begun = _count_transactions(store)
+    ids = [f"om_{n}" for n in range(30)] + ["om_3", "om_old", "om_7"]
+    with holding_the_store_thread(store):  # busy, as under a burst
+        tasks = await _queued_accepts(store, ids)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert results == [True] * 30 + [False, False, False]  # repeats and the old one: no
+    assert len(begun) == 1
+    inbox = {entry.message_id: entry for entry in await store.inbox_list()}
+    assert sorted(inbox) == sorted([f"om_{n}" for n in range(30)] + ["om_old"])
+    assert inbox["om_12"].payload == "payload om_12"
+    assert inbox["om_12"].conversation_id == "conv-om_12"
+    # The dedup marks hold like those of accepts written one by one.
+    assert not await store.accept_message(_entry("om_29"), 3600)
+
+
+async def test_a_mark_expired_is_accepted_again_in_a_batch(
+    store: SQLiteStore, clock: FakeClock
+) -> None:
+    assert await store.accept_message(_entry("om_a"), 10)
+    await store.inbox_remove("om_a")
+    clock.now += 11
+    with holding_the_store_thread(store):
+        tasks = await _queued_accepts(store, ["om_a", "om_b"])
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [True, True]
+    assert sorted(e.message_id for e in await store.inbox_list()) == ["om_a", "om_b"]
+
+
+async def test_more_accepts_than_one_batch_take_more_transactions(store: SQLiteStore) -> None:
+    from bot.store.sqlite import ACCEPT_BATCH
+
+    begun = _count_transactions(store)
+    ids = [f"om_{n}" for n in range(ACCEPT_BATCH + 5)]
+    with holding_the_store_thread(store):
+        tasks = await _queued_accepts(store, ids)
+    assert all(await asyncio.wait_for(asyncio.gather(*tasks), 5))
+    assert len(begun) == 2
+    assert len(await store.inbox_list()) == ACCEPT_BATCH + 5
+
+
+async def test_an_accept_cancelled_while_it_waits_is_not_written(store: SQLiteStore) -> None:
+    with holding_the_store_thread(store):
+        first, cancelled, last = await _queued_accepts(store, ["om_1", "om_2", "om_3"])
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    assert await asyncio.wait_for(asyncio.gather(first, last), 5) == [True, True]
+    assert sorted(e.message_id for e in await store.inbox_list()) == ["om_1", "om_3"]
+    assert await store.accept_message(_entry("om_2"), 3600)  # never marked
+
+
+async def test_a_batch_that_fails_is_written_one_by_one(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_batch(batch: list[Any]) -> list[bool]:
+        raise StoreError("cannot accept a message: disk I/O error")
+
+    monkeypatch.setattr(store, "_accept_batch_sync", failing_batch)
+    with pytest.raises(StoreError, match="disk I/O error"):  # alone: its own error
+        await store.accept_message(_entry("om_0"), 3600)
+    with holding_the_store_thread(store):
+        tasks = await _queued_accepts(store, ["om_1", "om_2", "om_1"])
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [True, True, False]
+    assert sorted(e.message_id for e in await store.inbox_list()) == ["om_1", "om_2"]
+
+
+async def test_accepts_waiting_when_the_store_closes_are_written_first(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "bot.db")
+    await store.open()
+    with holding_the_store_thread(store):
+        tasks = await _queued_accepts(store, ["om_1", "om_2"])
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [True, True]
+    await closing
+    with pytest.raises(StoreError, match="not open"):
+        await store.accept_message(_entry("om_3"), 3600)
+    reopened = SQLiteStore(tmp_path / "bot.db")
+    await reopened.open()
+    assert sorted(e.message_id for e in await reopened.inbox_list()) == ["om_1", "om_2"]
+    await reopened.close()

@@ -10,7 +10,8 @@ once released, is never edited: changes go into a new one).
 
 Writes that belong together (accepting a message, recording a delivered answer, setting an inbox
 row aside, pruning old turns with the sent messages of their time) run in one ``BEGIN IMMEDIATE``
-transaction, so a crash keeps all of them or none.
+transaction, so a crash keeps all of them or none. Accepts that wait for the store's thread
+together are written in one such transaction (:meth:`SQLiteStore.accept_message`).
 
 With a :class:`bot.store.crypto.KeyCipher` (``BOT_SECRET_KEY`` set) API key secrets are written
 sealed, and :meth:`SQLiteStore.open` seals the plain ones it finds in place, then rewrites the
@@ -25,8 +26,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -176,10 +178,36 @@ _INSERT_SENT = (
     " VALUES (?, ?, ?, ?)"
 )
 _USAGE_COLUMNS = "day, user_id, key_id, requests, prompt_tokens, completion_tokens, images"
-_INSERT_INBOX = (
+_INSERT_INBOX_ROWS = (
     "INSERT OR IGNORE INTO inbox (message_id, conversation_id, payload, received_at, delivery)"
-    " VALUES (?, ?, ?, ?, ?)"
+    " VALUES "
 )
+_INSERT_INBOX = _INSERT_INBOX_ROWS + "(?, ?, ?, ?, ?)"
+_HELD_MARKS = "SELECT key FROM processed WHERE expires_at > ? AND key IN ({})"
+_UPSERT_MARKS = (
+    "INSERT INTO processed (key, expires_at) VALUES {}"
+    " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
+)
+#: the most accepts written in one transaction (5 parameters each: SQLite before 3.32 allows 999)
+ACCEPT_BATCH = 100
+
+
+@dataclass(frozen=True)
+class _WaitingAccept:
+    """An accept waiting for the store's thread; ``accepted`` is its result."""
+
+    entry: InboxEntry
+    now: float
+    ttl_s: float
+    accepted: Future[bool]
+
+
+def _marks(rows: int, columns: int) -> str:
+    """``rows`` placeholders (a bare ``?`` each), or rows of ``columns`` ones in parentheses."""
+    if columns == 1:
+        return ", ".join(["?"] * rows)
+    row = f"({', '.join(['?'] * columns)})"
+    return ", ".join([row] * rows)
 
 
 def _turn_row(turn: Turn) -> tuple[Any, ...]:
@@ -235,6 +263,10 @@ class SQLiteStore:
         self._readers_lock = threading.Lock()
         self._on_reader = threading.local()
         self._connection: sqlite3.Connection | None = None
+        # Accepts waiting for the store's thread, and whether it has been asked to write them.
+        self._accepts: list[_WaitingAccept] = []
+        self._accepts_lock = threading.Lock()
+        self._accept_queued = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -527,8 +559,99 @@ class SQLiteStore:
     # ---- inbox -----------------------------------------------------------------------------
 
     async def accept_message(self, entry: InboxEntry, ttl_s: float) -> bool:
-        """Atomically mark the message answered-once and record it in the inbox."""
-        return await self._run(self._accept_sync, entry, self._clock(), ttl_s)
+        """Atomically mark the message answered-once and record it in the inbox.
+
+        Accepts that arrive while the store's thread is busy wait for it together and are then
+        written in one transaction of a few statements (:meth:`_accept_waiting`), each
+        still all or nothing: under a burst of hundreds of messages every accept was a
+        transaction of its own on one thread, and the card writes of answers already under way
+        queued behind all of them.
+        """
+        executor = self._executor
+        if executor is None:
+            raise StoreError("the store is not open")
+        waiting = _WaitingAccept(entry, self._clock(), ttl_s, Future())
+        with self._accepts_lock:
+            self._accepts.append(waiting)
+            submit, self._accept_queued = not self._accept_queued, True
+        if submit:
+            self._submit_accepts(executor)
+        return await asyncio.wrap_future(waiting.accepted)
+
+    def _submit_accepts(self, executor: ThreadPoolExecutor | None) -> None:
+        """Queue :meth:`_accept_waiting` on the store's thread, or fail the waiting accepts
+        when the store has been closed."""
+        try:
+            if executor is None:
+                raise RuntimeError("closed")
+            executor.submit(self._accept_waiting)
+        except RuntimeError:
+            with self._accepts_lock:
+                waiting, self._accepts = self._accepts, []
+                self._accept_queued = False
+            for accept in waiting:
+                if accept.accepted.set_running_or_notify_cancel():
+                    accept.accepted.set_exception(StoreError("the store is not open"))
+
+    def _accept_waiting(self) -> None:
+        """On the store's thread: write up to :data:`ACCEPT_BATCH` waiting accepts together,
+        and queue itself again behind the other writes if more are waiting."""
+        with self._accepts_lock:
+            taken = self._accepts[:ACCEPT_BATCH]
+            del self._accepts[:ACCEPT_BATCH]
+            more = bool(self._accepts)
+            self._accept_queued = more
+        batch = [a for a in taken if a.accepted.set_running_or_notify_cancel()]
+        if batch:
+            self._settle_accepts(batch)
+        if more:
+            self._submit_accepts(self._executor)
+
+    def _settle_accepts(self, batch: list[_WaitingAccept]) -> None:
+        try:
+            fresh = self._accept_batch_sync(batch)
+        except BaseException as exc:
+            if len(batch) == 1:
+                batch[0].accepted.set_exception(exc)
+                return
+            # Whatever failed is found alone: one by one, each accept fails or holds on its own.
+            for accept in batch:
+                try:
+                    accept.accepted.set_result(
+                        self._accept_sync(accept.entry, accept.now, accept.ttl_s)
+                    )
+                except BaseException as one:
+                    accept.accepted.set_exception(one)
+            return
+        for accept, is_fresh in zip(batch, fresh, strict=True):
+            accept.accepted.set_result(is_fresh)
+
+    def _accept_batch_sync(self, batch: list[_WaitingAccept]) -> list[bool]:
+        """One transaction for ``batch``: which messages were new. A message id seen twice in
+        the batch is new at most the first time; a mark counts as expired at the latest of
+        the batch's times."""
+        now = max(accept.now for accept in batch)
+        firsts: dict[str, _WaitingAccept] = {}
+        for accept in batch:
+            firsts.setdefault(f"accepted:{accept.entry.message_id}", accept)
+        with self._transaction("accept a message") as db:
+            # Only placeholders are put into these statements; every value is a parameter.
+            held = {
+                row[0]
+                for row in db.execute(_HELD_MARKS.format(_marks(len(firsts), 1)), (now, *firsts))
+            }
+            new = [accept for key, accept in firsts.items() if key not in held]
+            if new:
+                db.execute(
+                    _UPSERT_MARKS.format(_marks(len(new), 2)),
+                    [v for a in new for v in (f"accepted:{a.entry.message_id}", a.now + a.ttl_s)],
+                )
+                db.execute(
+                    _INSERT_INBOX_ROWS + _marks(len(new), 5),
+                    [v for a in new for v in _inbox_row(a.entry)],
+                )
+        accepted = {id(a) for a in new}
+        return [id(accept) in accepted for accept in batch]
 
     def _accept_sync(self, entry: InboxEntry, now: float, ttl_s: float) -> bool:
         with self._transaction("accept a message") as db:
