@@ -337,11 +337,10 @@ def _read_card(
 def _settle_this_process() -> None:
     """Keep what this process already holds out of the collector's way during the burst.
 
-    The fakes run in this process, next to the records of every burst run before (hundreds of
-    thousands of objects by the 200 burst of a full run). Without this, the collections the
-    fakes' allocations set off walked all of them, and the fake model sent the answers of the
-    bot measured first at 200 about 0.3 s late (``fake_openai_late_p99``) where the others got
-    0.05 s.
+    The fakes run in this process, next to the records of every burst run before. Without
+    this, the collections the fakes' allocations set off walked all of them, and in a complete
+    run the fake model sent the answers of the bot measured first at 200 about 0.3 s late
+    (``fake_openai_late_p99``) where the others got 0.05 s.
     """
     gc.collect()
     gc.freeze()

@@ -35,7 +35,7 @@ What the measures are (latencies in seconds from the moment the fake sent the ev
   it to the first-text goal's round trip + 50 ms: the goal counted from the model's real first
   token instead of its nominal one, so without the wait for the model's request;
   ``info.c<n>.first_text_floor_p99``: the lean bots' own first tokens' p99 plus one round
-  trip, the first text none of them could have shown sooner in the same run);
+  trip, a first text that a bot doing more per message than they do cannot beat in that run);
   ``final_text``: the whole answer was on screen;
   ``wall``: first frame sent -> last answer complete (card closed / text sent);
 * ``feishu_calls_per_reply`` (mean, max; refused calls included), ``update_interval_p50``: the
@@ -308,9 +308,9 @@ def _first_text_floor(
     """The earliest first-text p99 the lean bots' own model tokens allowed in this run.
 
     A first text is shown one Feishu call after the model's first token at the soonest. The
-    reference and non-streaming bots ask the model as early as Python lets them, so their
-    first tokens' p99 plus one round trip is a floor no bot of this machine and these fakes
-    gets under in the same run; the first-text goal's limit can lie below it.
+    reference and non-streaming bots do nothing else before they ask the model, so their first
+    tokens' p99 plus one round trip is a floor that a bot doing more per message does not get
+    under in the same run; the first-text goal's limit can lie below it.
     """
     measured = []
     for kind in ("reference", "nonstreaming"):
