@@ -3,7 +3,7 @@
 Every ``im.message.receive_v1`` event is written here before its ACK leaves, so an event that
 Feishu will not redeliver is never lost between the ACK and the store's acceptance write (see
 :mod:`bot.feishu.gateway`). Two writers use it: the long-connection process
-(:mod:`bot.feishu.ingress`), which only inserts, and the store (:class:`SQLiteStore`), which
+(:mod:`bot.feishu.ingress_child`), which only inserts, and the store (:class:`SQLiteStore`), which
 reads what was never accepted and deletes what was. Being a file of its own, an insert never
 waits for the main database's write lock, however many answers are being saved.
 """

@@ -102,12 +102,12 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from bot.feishu import sdk_loader
+from bot.feishu.sdk_loader import SDK_PACKAGE
 from bot.logging import SDK_LOGGER, get_logger
 
 log = get_logger(__name__)
 
 SDK_DISTRIBUTION: Final = "lark-oapi"
-SDK_PACKAGE: Final = "lark_oapi"
 _TESTED_FROM: Final = (1, 7, 5)
 _TESTED_BELOW: Final = (1, 8)
 SUPPORTED: Final = f">={'.'.join(map(str, _TESTED_FROM))},<{'.'.join(map(str, _TESTED_BELOW))}"
@@ -282,7 +282,7 @@ def import_ws_client_alone() -> Any:
     package ``lark_oapi`` and ``lark_oapi.event.dispatcher_handler`` are empty stand-ins there.
     Where the SDK is imported already, this is a plain import.
     """
-    if "lark_oapi" not in sys.modules:
+    if SDK_PACKAGE not in sys.modules:
         spec = importlib.util.find_spec(SDK_PACKAGE)
         if spec is None or spec.submodule_search_locations is None:
             raise ImportError(f"{SDK_DISTRIBUTION} is not installed")

@@ -617,9 +617,7 @@ class SQLiteStore:
             # Whatever failed is found alone: one by one, each accept fails or holds on its own.
             for accept in batch:
                 try:
-                    accept.accepted.set_result(
-                        self._accept_sync(accept.entry, accept.now, accept.ttl_s)
-                    )
+                    accept.accepted.set_result(self._accept_batch_sync([accept])[0])
                 except BaseException as one:
                     accept.accepted.set_exception(one)
             return
@@ -652,18 +650,6 @@ class SQLiteStore:
                 )
         accepted = {id(a) for a in new}
         return [id(accept) in accepted for accept in batch]
-
-    def _accept_sync(self, entry: InboxEntry, now: float, ttl_s: float) -> bool:
-        with self._transaction("accept a message") as db:
-            fresh = db.execute(
-                "INSERT INTO processed (key, expires_at) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
-                " WHERE processed.expires_at <= ?",
-                (f"accepted:{entry.message_id}", now + ttl_s, now),
-            ).rowcount
-            if fresh:
-                db.execute(_INSERT_INBOX, _inbox_row(entry))
-        return fresh > 0
 
     # ---- arrival journal -------------------------------------------------------------------
 
