@@ -28,7 +28,14 @@ from typing import Generic, Protocol, Self, TypeVar
 
 from aiohttp import web
 
+#: connections the kernel completes for a fake server while its loop is too busy to accept them.
+#: aiohttp's default (128) is below a burst of 200 answers opening their connections at once:
+#: the kernel dropped the handshakes over it and those clients tried again after a second (the
+#: TCP retransmission timeout), which a real server's accept queue would not have made them do.
+LISTEN_BACKLOG = 1024
+
 __all__ = [
+    "LISTEN_BACKLOG",
     "AsyncServer",
     "Latch",
     "ServerLifecycle",

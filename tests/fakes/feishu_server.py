@@ -122,6 +122,7 @@ from aiohttp import WSMsgType, web
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 
 from tests.fakes._background import (
+    LISTEN_BACKLOG,
     FormFile,
     Latch,
     ServerLifecycle,
@@ -1282,7 +1283,7 @@ class FakeFeishu(ServerLifecycle):
         app.router.add_route("*", "/{tail:.*}", self._handle_http)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._requested_port)
+        site = web.TCPSite(runner, self.host, self._requested_port, backlog=LISTEN_BACKLOG)
         await site.start()
         self._runner = runner
         self._port = int(runner.addresses[0][1])

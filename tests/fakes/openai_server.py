@@ -97,6 +97,7 @@ from typing import Any, Final, TypeAlias
 from aiohttp import web
 
 from tests.fakes._background import (
+    LISTEN_BACKLOG,
     FormFile,
     Latch,
     ServerLifecycle,
@@ -760,7 +761,7 @@ class FakeOpenAI(ServerLifecycle):
         app.router.add_get(FILES_PATH + "/{name}", self._handle_file)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._requested_port)
+        site = web.TCPSite(runner, self.host, self._requested_port, backlog=LISTEN_BACKLOG)
         await site.start()
         self._runner = runner
         addresses = runner.addresses
