@@ -1,6 +1,6 @@
-"""Raw SSE reading of a streamed completion: the real openai SDK sends the request (its
-low-level ``post``) to the fake server, which answers with hand-written event streams; the
-chunks come back as dicts."""
+"""Raw SSE reading of a streamed completion: the request is sent as the real openai SDK client
+would send it (its URL, headers and, for failures, its errors) to the fake server, which answers
+with hand-written event streams; the chunks come back as dicts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from bot.llm.events import TokenUsage
-from bot.llm.sse import Chunk, open_chat_stream, parse_chunk
+from bot.llm.sse import ChatStreams, Chunk, parse_chunk, sse_lines
 from tests.fakes.openai_server import FakeOpenAI, RawResponse, ResetAfter
 
 KEY = "sk-test-sse-000000000000000000000000000001"
@@ -28,13 +28,15 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 async def read(fake: FakeOpenAI, body: dict[str, Any] = BODY) -> list[Chunk]:
     client = openai.AsyncOpenAI(base_url=fake.base_url, api_key=CLIENT_KEY, max_retries=0)
+    streams = ChatStreams(client)
     try:
-        stream = await open_chat_stream(client, body, api_key=KEY)
+        stream = await streams.open(body, api_key=KEY)
         try:
             return [chunk async for chunk in stream]
         finally:
             await stream.close()
     finally:
+        await streams.aclose()
         await client.close()
 
 
@@ -68,6 +70,50 @@ async def test_the_request_carries_its_own_key_and_the_body_as_given(fake: FakeO
     assert request.key == KEY  # not the client-wide key
     assert request.body == body
     assert request.headers["Content-Type"] == "application/json"
+
+
+async def test_the_request_has_the_sdk_clients_url_and_headers(fake: FakeOpenAI) -> None:
+    await read(fake)
+    [request] = fake.requests
+    client = openai.AsyncOpenAI(base_url=fake.base_url, api_key=CLIENT_KEY, max_retries=0)
+    try:
+        sdk_headers = client.default_headers
+    finally:
+        await client.close()
+    assert request.headers["User-Agent"] == sdk_headers["User-Agent"]
+    assert request.headers["X-Stainless-Lang"] == sdk_headers["X-Stainless-Lang"]
+    assert CLIENT_KEY not in str(request.headers)
+
+
+async def test_an_error_status_is_the_sdks_own_error_with_body_and_headers(
+    fake: FakeOpenAI,
+) -> None:
+    body = {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}
+    fake.enqueue(RawResponse(status=429, text=json.dumps(body), headers={"Retry-After": "7"}))
+    with pytest.raises(openai.RateLimitError) as raised:
+        await read(fake)
+    assert raised.value.status_code == 429
+    assert raised.value.body == body["error"]
+    assert raised.value.response.headers["retry-after"] == "7"
+    assert str(raised.value) == "Error code: 429 - Rate limit reached"
+
+
+async def test_crlf_line_ends_and_long_events_are_read(fake: FakeOpenAI) -> None:
+    long_text = "x" * 200_000  # longer than aiohttp's line limit
+    body = f"data: {json.dumps(delta(long_text))}\r\n\r\ndata: [DONE]\r\n\r\n"
+    fake.enqueue(RawResponse(status=200, text=body, content_type="text/event-stream"))
+    chunks = await read(fake)
+    assert [parse_chunk(chunk)[0] for chunk in chunks] == [long_text]
+
+
+async def test_lines_cut_anywhere_by_the_network_come_out_whole() -> None:
+    async def blocks(*parts: bytes) -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    cut = [b'data: {"a"', b": 1}\r", b"\n\r\nda", b"ta: \xe4\xbd", b"\xa0\n", b"\rlast"]
+    lines = [line async for line in sse_lines(blocks(*cut))]
+    assert lines == ['data: {"a": 1}', "", "data: 你", "", "last"]
 
 
 async def test_comments_other_fields_and_multi_line_data_are_handled(fake: FakeOpenAI) -> None:
@@ -126,10 +172,12 @@ async def test_a_refused_connection_is_the_sdks_connection_error() -> None:
     async with FakeOpenAI() as server:
         base_url = server.base_url  # nothing listens there once the fake has stopped
     client = openai.AsyncOpenAI(base_url=base_url, api_key=CLIENT_KEY, max_retries=0)
+    streams = ChatStreams(client)
     try:
         with pytest.raises(openai.APIConnectionError):
-            await open_chat_stream(client, BODY, api_key=KEY)
+            await streams.open(BODY, api_key=KEY)
     finally:
+        await streams.aclose()
         await client.close()
 
 
@@ -154,3 +202,39 @@ def test_odd_chunks_parse_to_nothing_rather_than_failing() -> None:
         TokenUsage(0, 0),
         None,
     )
+
+
+async def test_the_proxy_the_environment_names_is_used(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", fake.base_url.removesuffix("/v1"))  # the fake as the proxy
+    client = openai.AsyncOpenAI(base_url="http://llm.invalid/v1", api_key=CLIENT_KEY, max_retries=0)
+    streams = ChatStreams(client)
+    try:
+        stream = await streams.open(BODY, api_key=KEY)
+        chunks = [chunk async for chunk in stream]
+        await stream.close()
+    finally:
+        await streams.aclose()
+        await client.close()
+    assert chunks
+    [request] = fake.requests
+    assert request.headers["Host"] == "llm.invalid"
+    assert request.key == KEY
+
+
+async def test_a_compressed_error_body_is_read_into_the_sdks_error(fake: FakeOpenAI) -> None:
+    body = {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}
+    fake.enqueue(
+        RawResponse(
+            status=401,
+            text=json.dumps(body),
+            content_type="application/json",
+            compressed=True,
+        )
+    )
+    with pytest.raises(openai.AuthenticationError) as raised:
+        await read(fake)
+    assert raised.value.body == body["error"]

@@ -1,8 +1,9 @@
 """Streaming chat completions from any OpenAI-compatible endpoint, with retries across keys.
 
 One ``openai.AsyncOpenAI`` (``max_retries=0``: retries are ours) serves every key: a chat
-request carries its leased key in its own ``Authorization`` header (:mod:`bot.llm.sse`), the
-media calls go through ``with_options(api_key=…)``, which shares the connection pool.
+request is sent as that client would send it, with its leased key in its own ``Authorization``
+header, over a lean aiohttp pool of its own (:class:`bot.llm.sse.ChatStreams`); the media calls
+go through the SDK itself, ``with_options(api_key=…)``, which shares the SDK's pool.
 ``tenacity`` retries the part of a request that comes *before* the first token: lease a key,
 send, read until text arrives. Each failure is classified (:mod:`bot.llm.classifier`): a
 rate-limited key cools and the next attempt starts at once on another key; a dead key is
@@ -52,7 +53,7 @@ from bot.llm.events import (
     bridge,
 )
 from bot.llm.keypool import KeyPool, Lease
-from bot.llm.sse import Chunk, RawChunkStream, open_chat_stream, parse_chunk
+from bot.llm.sse import ChatStreams, Chunk, RawChunkStream, parse_chunk
 from bot.logging import get_logger
 from bot.timing import Sleep
 
@@ -128,10 +129,11 @@ class LLMClient:
             api_key="unused",  # every request sets its leased key
             max_retries=0,
             timeout=timeout,
-            # The SDK's own aiohttp transport: at 200 concurrent streams httpx's pool cost a
-            # fifth more CPU per answer (bench/RESULTS.md); errors still arrive as the SDK's.
+            # The SDK's own aiohttp transport (for the media calls): at 200 concurrent streams
+            # httpx's pool cost a fifth more CPU per answer (bench/RESULTS.md).
             http_client=openai.DefaultAioHttpClient(timeout=timeout),
         )
+        self._chats = ChatStreams(self._client)
         self._backoff = wait_exponential_jitter(
             multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
         )
@@ -140,7 +142,8 @@ class LLMClient:
         self.include_usage = True
 
     async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
+        """Close the HTTP connection pools."""
+        await self._chats.aclose()
         await self._client.close()
 
     def stream(
@@ -270,7 +273,7 @@ class LLMClient:
             if self.include_usage:
                 body["stream_options"] = {"include_usage": True}
             emit(RequestSent())
-            stream = await open_chat_stream(self._client, body, api_key=lease.secret)
+            stream = await self._chats.open(body, api_key=lease.secret)
             return await self._read_until_text(lease, stream)
         except BaseException as exc:
             if stream is not None:

@@ -378,6 +378,8 @@ class RawResponse:
     text: str = "<!doctype html><html><head><title>Welcome</title></head><body>Hi</body></html>"
     content_type: str = "text/html"
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: sent gzip-compressed (``Content-Encoding: gzip``), as proxies and CDNs do
+    compressed: bool = False
 
 
 Behaviour: TypeAlias = ErrorResponse | Hang | ResetAfter | Reply | StreamError | RawResponse
@@ -1059,9 +1061,12 @@ class FakeOpenAI(ServerLifecycle):
 
     @staticmethod
     def _raw(raw: RawResponse) -> web.Response:
-        return web.Response(
+        response = web.Response(
             status=raw.status, text=raw.text, content_type=raw.content_type, headers=raw.headers
         )
+        if raw.compressed:
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
 
     def _auth(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")
