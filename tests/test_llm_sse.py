@@ -238,3 +238,28 @@ async def test_a_compressed_error_body_is_read_into_the_sdks_error(fake: FakeOpe
     with pytest.raises(openai.AuthenticationError) as raised:
         await read(fake)
     assert raised.value.body == body["error"]
+
+
+async def test_a_stream_closed_early_leaves_no_half_read_connection_for_the_next(
+    fake: FakeOpenAI,
+) -> None:
+    fake.default.reply = "a long answer " * 40
+    fake.default.chunk_size = 5
+    fake.default.chunk_delay = 0.01
+    client = openai.AsyncOpenAI(base_url=fake.base_url, api_key=CLIENT_KEY, max_retries=0)
+    streams = ChatStreams(client)
+    try:
+        for _ in range(3):
+            stream = await streams.open(BODY, api_key=KEY)
+            async for chunk in stream:
+                if parse_chunk(chunk)[0]:
+                    break  # the rest of the answer is still on its way
+            await stream.close()
+        fake.default.chunk_delay = 0.0
+        stream = await streams.open(BODY, api_key=KEY)
+        text = "".join([parse_chunk(chunk)[0] async for chunk in stream])
+        await stream.close()
+    finally:
+        await streams.aclose()
+        await client.close()
+    assert text == "a long answer " * 40

@@ -193,12 +193,12 @@ class RawChunkStream:
 
 
 async def sse_lines(blocks: AsyncIterable[bytes]) -> AsyncIterator[str]:
-    """The lines of a body that arrives in ``blocks``, without their ends (``\n``, ``\r\n`` or
-    ``\r``, as server-sent events allow), however long and however the blocks cut them."""
+    """The lines of a body that arrives in ``blocks``, without their ends (LF, CR LF or CR, as
+    server-sent events allow), however long and however the blocks cut them."""
     pending = b""
     async for block in blocks:
         pending += block
-        # A block ending in \r may end in the middle of a \r\n: that \r waits for the next one.
+        # A block ending in CR may end in the middle of a CR LF: that CR waits for the next one.
         held = b"\r" if pending.endswith(b"\r") else b""
         body = pending[: len(pending) - len(held)]
         *lines, rest = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
