@@ -263,3 +263,15 @@ async def test_a_stream_closed_early_leaves_no_half_read_connection_for_the_next
         await streams.aclose()
         await client.close()
     assert text == "a long answer " * 40
+
+
+async def test_a_host_the_environment_exempts_from_the_proxy_is_reached_directly(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing answers there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    chunks = await read(fake)
+    assert chunks
+    assert len(fake.requests) == 1
