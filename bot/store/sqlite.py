@@ -202,6 +202,11 @@ class _WaitingAccept:
     accepted: Future[bool]
 
 
+def _accepted_mark(message_id: str) -> str:
+    """The dedup mark's key of an accepted message (table ``processed``)."""
+    return f"accepted:{message_id}"
+
+
 def _marks(rows: int, columns: int) -> str:
     """``rows`` placeholders (a bare ``?`` each), or rows of ``columns`` ones in parentheses."""
     if columns == 1:
@@ -631,24 +636,24 @@ class SQLiteStore:
         now = max(accept.now for accept in batch)
         firsts: dict[str, _WaitingAccept] = {}
         for accept in batch:
-            firsts.setdefault(f"accepted:{accept.entry.message_id}", accept)
+            firsts.setdefault(_accepted_mark(accept.entry.message_id), accept)
         with self._transaction("accept a message") as db:
             # Only placeholders are put into these statements; every value is a parameter.
             held = {
                 row[0]
                 for row in db.execute(_HELD_MARKS.format(_marks(len(firsts), 1)), (now, *firsts))
             }
-            new = [accept for key, accept in firsts.items() if key not in held]
+            new = {key: accept for key, accept in firsts.items() if key not in held}
             if new:
                 db.execute(
                     _UPSERT_MARKS.format(_marks(len(new), 2)),
-                    [v for a in new for v in (f"accepted:{a.entry.message_id}", a.now + a.ttl_s)],
+                    [v for key, a in new.items() for v in (key, a.now + a.ttl_s)],
                 )
                 db.execute(
                     _INSERT_INBOX_ROWS + _marks(len(new), 5),
-                    [v for a in new for v in _inbox_row(a.entry)],
+                    [v for a in new.values() for v in _inbox_row(a.entry)],
                 )
-        accepted = {id(a) for a in new}
+        accepted = {id(a) for a in new.values()}
         return [id(accept) in accepted for accept in batch]
 
     # ---- arrival journal -------------------------------------------------------------------
@@ -666,7 +671,7 @@ class SQLiteStore:
                 row[0]
                 for row in rows
                 if self._db()
-                .execute("SELECT 1 FROM processed WHERE key = ?", (f"accepted:{row[0]}",))
+                .execute("SELECT 1 FROM processed WHERE key = ?", (_accepted_mark(row[0]),))
                 .fetchone()
             }
             journal.executemany(
